@@ -1,0 +1,162 @@
+"""The actor loss: verl's GRPO policy loss plus the SSOPD distillation term.
+
+    loss = ppo_loss(...)  +  lambda * sum_g w(p_g) * L_g / G
+
+`L_g` is the token-mean, over the target's response, of the clipped forward KL from the self-teacher
+(`ssopd_verl.losses`); `w(p_g)` the frontier weight (`ssopd_verl.pairing`); `G` the number of prompts in the
+optimizer step's mini-batch. Per-row weights `w * share` arrive in the batch as `ssopd_weight` (0 for rows that
+are not targets, and for the padding rows verl adds to balance data-parallel ranks).
+
+Normalisation, so that lambda means the same at every batch size, micro-batch size and data-parallel size:
+each micro-batch on each rank contributes `lambda * sum_{its target rows} w*share*L / G * dp_size`. Gradient
+accumulation sums micro-batches and FSDP averages ranks, so the step's gradient is that of
+`lambda * sum_{all targets} w*share*L / G` -- the same recipe verl's `agg_loss` uses for the policy loss.
+`G = global_batch_size / rollout.n`, where verl sets `global_batch_size = ppo_mini_batch_size * n`.
+
+How it reaches the student logits (verl 0.9.1 hook, SSOPD_SPEC.md 6a): the FSDP engine calls the actor loss a
+first time as a *logits processor* when the micro-batch carries `distillation_use_topk=True` (set by
+`SSOPDActorRolloutRefWorker.update_actor`): `fn(student_logits=(1, N, V) / temperature, data=micro_batch)` must
+return per-position tensors shaped (1, N). We run the teacher there and return the per-position loss, KL and
+clip fraction; the engine nests them per row into `model_output`, and calls `fn(model_output=..., data=...)`
+for the loss proper. Nothing of verl is patched: the function is installed with `set_loss_fn`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tensordict import TensorDict
+
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.padding import no_padding_2_padding
+
+from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight, response_logit_positions
+from ssopd_verl.losses import chunked_clipped_forward_kl
+
+# Per-row batch fields written by the trainer (every row carries them; see SSOPDTrainer).
+TEACHER_IDS = "ssopd_teacher_ids"  # nested int64: teacher prompt + target response
+TEACHER_PROMPT_LEN = "ssopd_teacher_prompt_len"  # int64 (B,)
+ROW_WEIGHT = "ssopd_weight"  # float32 (B,): w(p) * target share; 0 = no distillation on this row
+
+# Per-position outputs of the logits hook, nested per row by the engine.
+OUT_LOSS, OUT_KL, OUT_CLIP = "ssopd_loss", "ssopd_kl", "ssopd_clipfrac"
+
+
+class SSOPDActorLoss:
+    """Callable installed with `set_loss_fn`; dispatches on how the engine calls it (hook or loss)."""
+
+    def __init__(self, base_loss: Callable, ssopd: SSOPDConfig, rollout_n: int, engine=None):
+        if rollout_n < 2:
+            raise ValueError(f"SSOPD needs grouped sampling: actor_rollout_ref.rollout.n must be >= 2, got {rollout_n}")
+        self.base_loss = base_loss  # functools.partial(verl ppo_loss, config=actor_config)
+        self.ssopd = ssopd
+        self.rollout_n = rollout_n
+        self.teacher = TeacherForward(engine) if engine is not None else None
+
+    def __call__(self, model_output=None, data: TensorDict = None, dp_group=None, student_logits=None):
+        if student_logits is not None:
+            return self.logits_hook(student_logits, data)
+        return self.loss(model_output, data, dp_group)
+
+    # ---- first call: per-position distillation terms from the student logits -------------------------------
+    def logits_hook(self, student_logits: torch.Tensor, data: TensorDict) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            raise RuntimeError("SSOPDActorLoss needs the actor engine for the teacher forward (pass engine=)")
+        logits = student_logits.squeeze(0)  # (N, V), divided by temperature, with grad
+        num_positions = logits.shape[0]
+        seq_lens = data["input_ids"].offsets().diff().cpu()
+        prompt_lens = data["prompts"].offsets().diff().cpu()
+        resp_lens = data["responses"].offsets().diff().cpu()
+        weights = data[ROW_WEIGHT].float().cpu()
+        rows = torch.nonzero(weights > 0).flatten().tolist()
+
+        # Every rank runs exactly one teacher forward per micro-batch: the forward and the lm_head gather are
+        # collectives under FSDP2. A micro-batch without targets runs a one-token dummy.
+        teacher_seqs = [data[TEACHER_IDS][r] for r in rows] or [data["input_ids"][0][:1]]
+        states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data)
+        weight = lm_head_weight(self.teacher.engine.module)
+
+        zeros = logits.new_zeros(num_positions, dtype=torch.float32)
+        if not rows:
+            # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
+            loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
+            return {OUT_LOSS: loss.unsqueeze(0), OUT_KL: zeros.unsqueeze(0), OUT_CLIP: zeros.unsqueeze(0)}
+
+        seq_starts = torch.cumsum(seq_lens, 0) - seq_lens
+        index = torch.tensor(rows)
+        student_pos = response_logit_positions(seq_starts[index], prompt_lens[index], resp_lens[index])
+        teacher_pos = response_logit_positions(teacher_starts, data[TEACHER_PROMPT_LEN].cpu()[index], resp_lens[index])
+        device = logits.device
+        student_pos, teacher_pos = student_pos.to(device), teacher_pos.to(device)
+
+        # Same temperature on both sides: the engine divided the student logits by the row's temperature;
+        # dividing the teacher's hidden states by it divides its logits by it (the projection is linear).
+        temperature = _row_temperature(data, len(seq_lens)).to(device)
+        token_temperature = torch.repeat_interleave(temperature[index.to(device)], resp_lens[index].to(device))
+        teacher_hidden = states[teacher_pos].float() / token_temperature.unsqueeze(-1)
+
+        terms = chunked_clipped_forward_kl(
+            logits[student_pos],
+            teacher_hidden,
+            weight,
+            tau=self.ssopd.tau,
+            clip=self.ssopd.clip,
+            temperature=1.0,
+            student_prescaled=True,
+            chunk_size=self.ssopd.chunk_size,
+        )
+        loss = zeros.index_put((student_pos,), terms.loss.float())
+        kl = zeros.detach().index_put((student_pos,), terms.kl.float())
+        clip = zeros.detach().index_put((student_pos,), terms.clip_fraction.float())
+        return {OUT_LOSS: loss.unsqueeze(0), OUT_KL: kl.unsqueeze(0), OUT_CLIP: clip.unsqueeze(0)}
+
+    # ---- second call: the loss ----------------------------------------------------------------------------------
+    def loss(self, model_output, data: TensorDict, dp_group=None):
+        policy_loss, metrics = self.base_loss(model_output=model_output, data=data, dp_group=dp_group)
+        if OUT_LOSS not in model_output:
+            if self.ssopd.enabled:
+                raise RuntimeError(
+                    "the SSOPD logits hook did not run: the micro-batch lacks distillation_use_topk=True "
+                    "(use SSOPDActorRolloutRefWorker) or fused kernels are on (set model.use_fused_kernels=false)"
+                )
+            return policy_loss, metrics
+
+        per_token = no_padding_2_padding(model_output[OUT_LOSS], data)  # (b, R), aligned with response_mask
+        mask = _padded(data, "response_mask").to(per_token.dtype)
+        tokens = mask.sum(-1).clamp(min=1)
+        per_row = (per_token * mask).sum(-1) / tokens  # L for each row (token mean over its response)
+        weights = data[ROW_WEIGHT].to(per_row.device, per_row.dtype)
+
+        global_batch_size = data["global_batch_size"]
+        if global_batch_size is None:
+            raise ValueError("SSOPD needs global_batch_size in the micro-batch (set by verl's v1 trainer)")
+        num_prompts = global_batch_size / self.rollout_n
+        dp_size = data["dp_size"]
+        # sum_g w*share*L / G, scaled like verl's agg_loss (see module docstring); lambda applied below.
+        distill = (weights * per_row).sum() / num_prompts * dp_size
+
+        is_target = weights > 0
+        with torch.no_grad():
+            # Same normalisation and aggregation (SUM over micro-batches) as verl's actor/pg_loss metric.
+            metrics["ssopd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
+            if bool(is_target.any()):
+                target_mask = mask * is_target.unsqueeze(-1).to(mask.dtype)
+                denom = target_mask.sum()
+                for name, key in (("kl_unclipped", OUT_KL), ("clip_frac", OUT_CLIP)):
+                    value = (no_padding_2_padding(model_output[key], data) * target_mask).sum() / denom
+                    metrics[f"ssopd/{name}"] = Metric(value=value, aggregation=AggregationType.MEAN)
+        return policy_loss + self.ssopd.lam * distill, metrics
+
+
+def _padded(data: TensorDict, key: str) -> torch.Tensor:
+    value = data[key]
+    return value.to_padded_tensor(0) if value.is_nested else value
+
+
+def _row_temperature(data: TensorDict, num_rows: int) -> torch.Tensor:
+    temperature = data["temperature"]
+    if isinstance(temperature, torch.Tensor):
+        return temperature.float().reshape(-1).expand(num_rows) if temperature.numel() == 1 else temperature.float()
+    return torch.full((num_rows,), float(temperature))

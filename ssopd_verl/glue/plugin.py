@@ -1,0 +1,49 @@
+"""Entry point of the `verl.plugins` group: verl imports this module on `import verl`, in every process.
+
+It registers, through verl's own registries:
+* the advantage estimator `ssopd` (`core_algos.register_adv_est`),
+* the trainer mode `ssopd` (`trainer.ppo.v1.register_trainer`),
+* a CPU platform and CPU FSDP engines, used only when `VERL_PLATFORM=cpu` (see `cpu_platform`).
+
+verl logs a failing plugin at DEBUG level only and goes on; `tests/test_registration.py` checks in a fresh
+process that `import verl` alone makes everything available. One failure must not pass silently: a run that
+asks for `+recipe=ssopd` while Hydra cannot see our config would train plain PPO, so that case exits here with
+an explanation (SystemExit is not swallowed by verl's `except Exception`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+def recipe_requested(argv: list[str]) -> bool:
+    return any(arg.lstrip("+~") in ("recipe=ssopd",) for arg in argv)
+
+
+def search_path_plugin_available() -> bool:
+    return importlib.util.find_spec("hydra_plugins.ssopd_verl_searchpath") is not None
+
+
+def guard_recipe(argv: list[str]) -> None:
+    if recipe_requested(argv) and not search_path_plugin_available():
+        raise SystemExit(
+            "ssopd-verl: +recipe=ssopd was requested but Hydra cannot find the recipe: the module "
+            "hydra_plugins.ssopd_verl_searchpath is not importable. Install the package (pip install ssopd-verl) "
+            "rather than putting it on PYTHONPATH, and do not shadow the `hydra_plugins` namespace with an "
+            "__init__.py. Refusing to run, since Hydra would otherwise train plain PPO."
+        )
+
+
+def register() -> None:
+    from ssopd_verl.glue import estimator
+
+    estimator.register()
+    import ssopd_verl.glue.trainer  # noqa: F401  (registers the trainer mode on import)
+    from ssopd_verl import cpu_platform
+
+    cpu_platform.register_cpu_platform()
+
+
+guard_recipe(sys.argv)
+register()

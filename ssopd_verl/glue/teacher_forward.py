@@ -1,0 +1,92 @@
+"""The self-teacher's forward pass, run inside the actor update by the engine that holds the policy.
+
+The teacher is the policy itself (same FSDP2 module, same weights, this very micro-batch), evaluated without
+gradient on the teacher context: student prompt with the witness as a reference solution, then the target's
+response ids verbatim (`ssopd_verl.teacher_context`). We take its *final hidden states* at the target's
+response positions, not its logits: the vocabulary projection happens chunk by chunk inside
+`ssopd_verl.losses.chunked_clipped_forward_kl`, so no [tokens x vocabulary] teacher tensor ever exists.
+
+The inputs go through the engine's own `prepare_model_inputs`, so the teacher sees exactly the layout the
+student saw (packed with remove-padding, or padded), and through the engine's module, so FSDP2 gathers and
+reshards parameters as in any forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+from torch.distributed.tensor import DTensor
+
+from verl.utils import tensordict_utils as tu
+from verl.utils.dataset.dataset_utils import DatasetPadMode
+
+
+def response_logit_positions(seq_starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the logits that predict each response token, row after row.
+
+    A sequence of `prompt_len + resp_len` tokens laid out from `seq_start` predicts response token `t` from
+    the logits at `seq_start + prompt_len - 1 + t` (next-token prediction), for t in [0, resp_len).
+    """
+    pieces = [
+        torch.arange(int(s) + int(p) - 1, int(s) + int(p) - 1 + int(r), dtype=torch.long)
+        for s, p, r in zip(seq_starts.tolist(), prompt_lens.tolist(), resp_lens.tolist(), strict=True)
+    ]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The output projection as a plain tensor, without gradient.
+
+    After a forward, FSDP2 has resharded the root, so the weight is a DTensor: `full_tensor()` is a
+    collective, which is why every rank runs one teacher forward per micro-batch (see `TeacherForward`).
+    """
+    head = module.get_output_embeddings()
+    with torch.no_grad():
+        weight = head.weight
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        return weight.detach()
+
+
+class TeacherForward:
+    """Runs the teacher over a list of sequences with the engine's module and returns per-position states."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def hidden_states(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (post-norm) hidden states of every token of `sequences`, packed: returns (states, starts).
+
+        `states` is (total_tokens, hidden); `starts[i]` is where sequence i begins in it. Layout flags
+        (remove-padding, pad mode) are taken from the student's micro-batch, so both sides match.
+        """
+        device = micro_batch["input_ids"].device
+        ids = torch.nested.as_nested_tensor([s.to(device) for s in sequences], layout=torch.jagged)
+        positions = torch.nested.as_nested_tensor(
+            [torch.arange(len(s), device=device) for s in sequences], layout=torch.jagged
+        )
+        batch = TensorDict(
+            {"input_ids": ids, "position_ids": positions, "temperature": torch.ones(len(sequences), device=device)},
+            batch_size=[len(sequences)],
+        )
+        for key in ("use_remove_padding", "pad_mode"):
+            value = tu.get_non_tensor_data(data=micro_batch, key=key, default=None)
+            if value is not None:
+                tu.assign_non_tensor(batch, **{key: value})
+        tu.assign_non_tensor(batch, use_fused_kernels=False)
+        if tu.get_non_tensor_data(data=batch, key="pad_mode", default=DatasetPadMode.NO_PADDING) != DatasetPadMode.NO_PADDING:
+            raise NotImplementedError("SSOPD's teacher forward supports verl's NO_PADDING layout only")
+
+        model_inputs, _ = self.engine.prepare_model_inputs(micro_batch=batch)
+        lengths = torch.tensor([len(s) for s in sequences])
+        starts = torch.cumsum(lengths, 0) - lengths
+        with torch.no_grad():
+            # logits_to_keep=1: the teacher's logits are projected chunkwise by the loss, never here.
+            output = self.engine.module(**model_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        states = output.hidden_states[-1]
+        if tu.get_non_tensor_data(data=batch, key="use_remove_padding", default=True):
+            states = states.reshape(-1, states.shape[-1])[: int(lengths.sum())]  # packed (1, total [+pad], H)
+        else:
+            # padded (b, max_len, H): keep each row's real tokens, in the packed layout
+            states = torch.cat([states[i, :n] for i, n in enumerate(lengths.tolist())])
+        return states.detach(), starts

@@ -1,0 +1,160 @@
+"""The SSOPD trainer: verl's v1 sync trainer plus the pairing step.
+
+Registered as trainer mode `ssopd` (`register_trainer`, verl's trainer registry); the recipe overlay selects it
+with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
+(sample -> reward -> balance -> old log-prob -> [ref] -> advantage -> update actor), with three additions:
+
+* `_compute_advantage`: after verl computes the GRPO advantages (through our `ssopd` estimator), pair the
+  completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
+  to the batch (`distill_plan.plan_distillation`). This runs after `_balance_batch`, so the rows verl pads and
+  reorders already carry their final fields; padding rows get weight 0.
+* `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`.
+* `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+from omegaconf import OmegaConf, open_dict
+from tensordict import TensorDict
+
+import transfer_queue as tq
+from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.distill_plan import plan_distillation
+from ssopd_verl.glue import estimator
+from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
+from ssopd_verl.glue.worker import SSOPDActorRolloutRefWorker
+
+TRAINER_MODE = "ssopd"
+
+
+@register_trainer(TRAINER_MODE)
+class SSOPDTrainer(PPOTrainerSync):
+    def __init__(self, config):
+        self.ssopd = check_config(config)
+        # verl branches on the literal mode "sync" (replay buffer, checkpoints, refill); this trainer *is* the
+        # sync trainer, so once the registry has resolved "ssopd" to this class it runs under that name.
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = "sync"
+        super().__init__(config)
+
+    # ---- workers ----------------------------------------------------------------------------------------------
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor):
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(SSOPDActorRolloutRefWorker)
+
+    def _init_tokenizer(self):
+        super()._init_tokenizer()
+        from verl.utils.config import omega_conf_to_dataclass
+
+        hf_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.model).hf_config
+        self.max_teacher_length = self.ssopd.max_teacher_length or getattr(hf_config, "max_position_embeddings", None)
+
+    # ---- step ------------------------------------------------------------------------------------------------
+    def _compute_advantage(self, batch, metrics):
+        batch = super()._compute_advantage(batch, metrics)
+        self._plan_distillation(batch, metrics)
+        return batch
+
+    def _update_actor(self, batch, metrics):
+        batch = super()._update_actor(batch, metrics)
+        for key in [k for k in metrics if k.startswith("actor/ssopd/")]:
+            metrics[key[len("actor/") :]] = metrics.pop(key)
+        return batch
+
+    def _plan_distillation(self, batch, metrics):
+        grouped = estimator.ssopd_advantage.take()
+        solution_root = self.ssopd.reference_solution_key.split(".")[0]
+        fields = ["uid", "responses", "raw_prompt"]
+        if self.ssopd.witness_source == "reference_solution":
+            fields.append(solution_root)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        uids = [str(u) for u in data["uid"]]
+        if uids != [str(u) for u in grouped.uids]:
+            raise RuntimeError("SSOPD pairing: batch rows are not in the order the advantages were computed in")
+
+        responses = data["responses"]
+        response_ids = [responses[i].tolist() for i in range(len(uids))]
+        rng = np.random.default_rng([self.ssopd.seed, self.global_steps])
+        plan = plan_distillation(
+            uids=uids,
+            scores=grouped.scores.tolist(),
+            response_ids=response_ids,
+            prompt_messages=[_messages(m) for m in data["raw_prompt"]],
+            tokenizer=self.tokenizer,
+            cfg=self.ssopd,
+            max_response_length=self.config.actor_rollout_ref.rollout.response_length,
+            max_teacher_length=self.max_teacher_length,
+            chat_template_kwargs=_plain(self.config.data.get("apply_chat_template_kwargs", None)),
+            is_padding=[tag.get("is_padding", False) for tag in batch.tags],
+            reference_solutions=_lookup(data, self.ssopd.reference_solution_key)
+            if self.ssopd.witness_source == "reference_solution"
+            else None,
+            rng=rng,
+        )
+        metrics.update(plan.metrics)
+        if not self.ssopd.enabled:
+            return  # lambda = 0: plain GRPO, nothing for the worker to read
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Every row must carry every field (TransferQueue drops a field missing on some rows): non-targets get a
+        # one-token placeholder and weight 0.
+        teacher = [torch.tensor(ids or [pad], dtype=torch.int64) for ids in plan.teacher_ids]
+        fields = TensorDict(
+            {
+                TEACHER_IDS: torch.nested.as_nested_tensor(teacher, layout=torch.jagged),
+                TEACHER_PROMPT_LEN: torch.tensor(plan.teacher_prompt_len, dtype=torch.int64),
+                ROW_WEIGHT: torch.tensor(plan.weight, dtype=torch.float32),
+            },
+            batch_size=len(uids),
+        )
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+
+def check_config(config) -> SSOPDConfig:
+    """Fail at start-up, with the key to change, on a config that cannot run SSOPD."""
+    ssopd = SSOPDConfig.from_mapping(_plain(config.get("ssopd", None)))
+    if config.algorithm.adv_estimator != estimator.NAME:
+        raise ValueError(
+            f"trainer.v1.trainer_mode=ssopd pairs completions from the ssopd advantage estimator: set "
+            f"algorithm.adv_estimator=ssopd (got {config.algorithm.adv_estimator})"
+        )
+    n = config.actor_rollout_ref.rollout.n
+    if n < 2:
+        raise ValueError(f"SSOPD needs groups: actor_rollout_ref.rollout.n must be >= 2, got {n}")
+    if ssopd.enabled and config.actor_rollout_ref.model.get("use_fused_kernels", False):
+        raise ValueError("SSOPD reads the full student logits: set actor_rollout_ref.model.use_fused_kernels=false")
+    if ssopd.enabled and config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) > 1:
+        raise ValueError("SSOPD does not support Ulysses sequence parallelism yet (teacher positions are shard-local)")
+    if config.actor_rollout_ref.get("ssopd", None) is None:
+        raise ValueError("actor_rollout_ref.ssopd is missing: the recipe overlay sets it to ${ssopd}")
+    return ssopd
+
+
+def _plain(value):
+    if value is None:
+        return None
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _messages(raw):
+    """verl stores `raw_prompt` as a list of chat messages (possibly a numpy array of dicts)."""
+    return [dict(m) for m in list(raw)]
+
+
+def _lookup(data, dotted_key: str) -> list:
+    root, *path = dotted_key.split(".")
+    values = []
+    for item in data[root]:
+        for key in path:
+            item = item.get(key) if isinstance(item, dict) else None
+        values.append(item)
+    return values
