@@ -1,3 +1,9 @@
+import os
+
+# verl resolves its platform once per process, on first use: every test in this pytest process runs verl on
+# the CPU platform that ssopd-verl registers (there is no accelerator on CI machines).
+os.environ.setdefault("VERL_PLATFORM", "cpu")
+
 import pytest
 
 

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tensordict import TensorDict
 
+from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
@@ -42,6 +43,15 @@ ROW_WEIGHT = "ssopd_weight"  # float32 (B,): w(p) * target share; 0 = no distill
 
 # Per-position outputs of the logits hook, nested per row by the engine.
 OUT_LOSS, OUT_KL, OUT_CLIP = "ssopd_loss", "ssopd_kl", "ssopd_clipfrac"
+
+
+def mark_for_distillation(data: TensorDict, ssopd: SSOPDConfig) -> None:
+    """Ask the engine to call the loss as a logits processor on this update batch (only when lambda > 0).
+
+    `distillation_only=False`: verl must still compute the log-probs for the policy loss.
+    """
+    if ssopd.enabled:
+        tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=False)
 
 
 class SSOPDActorLoss:

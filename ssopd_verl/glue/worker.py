@@ -16,11 +16,10 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
-from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.actor_loss import SSOPDActorLoss
+from ssopd_verl.glue.actor_loss import SSOPDActorLoss, mark_for_distillation
 
 
 class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -37,6 +36,5 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data):
-        if self.ssopd.enabled:
-            tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=False)
+        mark_for_distillation(data, self.ssopd)
         return super().update_actor(data)

@@ -1,0 +1,264 @@
+"""SSOPD on verl's real FSDP2 engine, on CPU, in one process (gloo, tiny random Qwen3 with the real vocabulary).
+
+What is checked against plain transformers fp32 forwards and `ssopd_verl.losses.clipped_forward_kl`:
+* the teacher forward run by the engine inside the loss gives the teacher's log-probs (1e-5);
+* the logits hook's per-position loss and its gradient w.r.t. the student logits equal the reference, and the
+  teacher side (the module's parameters) receives no gradient from it;
+* one actor update with SSOPD pairs in the batch reports the distillation term the reference predicts, and
+  it is invariant to the micro-batch size;
+* with lambda = 0 the update equals plain GRPO (verl's `ppo_loss`) bit for bit; with lambda > 0 it does not.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.distill_plan import plan_distillation
+from ssopd_verl.losses import clipped_forward_kl
+
+N = 4  # completions per prompt
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from ssopd_verl.tiny_model import build_tiny_qwen3
+
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), seed=0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def new_engine(model_path, **kw):
+    from ssopd_verl.cpu_engine import build_cpu_fsdp2_engine
+
+    return build_cpu_fsdp2_engine(model_path, lr=1e-2, seed=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return new_engine(model_path)
+
+
+@pytest.fixture(scope="module")
+def groups(tokenizer):
+    """Two prompts x 4 completions: group a has 1/4 correct, group b 2/4 (both frontier groups)."""
+    problems = ["What is 2+3?", "What is 7*6?"]
+    texts = [
+        ["I guess \\boxed{6}", "2+3=5 \\boxed{5}", "Let me think. 2 and 3 make 7, surely \\boxed{7}", "\\boxed{1}"],
+        ["7*6=42 \\boxed{42}", "Seven sixes: 42. \\boxed{42}", "\\boxed{40}", "Hmm, 7*6 is 48 I think \\boxed{48}"],
+    ]
+    scores = [[0, 1, 0, 0], [1, 1, 0, 0]]
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    rows = []
+    for g, problem in enumerate(problems):
+        messages = [{"role": "user", "content": problem}]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+        for text, score in zip(texts[g], scores[g]):
+            rows.append(dict(uid=f"g{g}", prompt=prompt, messages=messages, score=score,
+                             response=tokenizer.encode(text, add_special_tokens=False) + eos))
+    return rows
+
+
+def plan_for(groups, tokenizer, cfg):
+    return plan_distillation(
+        uids=[r["uid"] for r in groups],
+        scores=[r["score"] for r in groups],
+        response_ids=[r["response"] for r in groups],
+        prompt_messages=[r["messages"] for r in groups],
+        tokenizer=tokenizer,
+        cfg=cfg,
+        max_response_length=1000,
+        max_teacher_length=None,
+    )
+
+
+def make_batch(groups, plan, engine, old_log_probs=None, **non_tensor):
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    from ssopd_verl.cpu_engine import make_train_tensordict
+    from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
+
+    responses = [r["response"] for r in groups]
+    width = max(map(len, responses))
+    rewards = torch.zeros(len(groups), width)
+    mask = torch.zeros(len(groups), width)
+    for i, r in enumerate(responses):
+        rewards[i, len(r) - 1] = groups[i]["score"]
+        mask[i, : len(r)] = 1
+    adv, _ = compute_grpo_outcome_advantage(rewards, mask, index=[r["uid"] for r in groups])
+    fields = {
+        "advantages": [adv[i, : len(r)] for i, r in enumerate(responses)],
+        "old_log_probs": old_log_probs or [torch.zeros(len(r)) for r in responses],
+        TEACHER_IDS: [torch.tensor(ids or [0]) for ids in plan.teacher_ids],
+        TEACHER_PROMPT_LEN: torch.tensor(plan.teacher_prompt_len),
+        ROW_WEIGHT: torch.tensor(plan.weight, dtype=torch.float32),
+    }
+    return make_train_tensordict(
+        [r["prompt"] for r in groups], responses, temperature=TEMPERATURE, fields=fields, engine=engine,
+        global_batch_size=len(groups), **non_tensor,
+    )
+
+
+def actor_loss(cfg, engine):
+    from verl.workers.utils.losses import ppo_loss
+
+    from ssopd_verl.cpu_engine import build_actor_config
+    from ssopd_verl.glue.actor_loss import SSOPDActorLoss
+
+    base = functools.partial(ppo_loss, config=build_actor_config())
+    return SSOPDActorLoss(base_loss=base, ssopd=cfg, rollout_n=N, engine=engine)
+
+
+def reference_terms(hf_model, groups, plan, cfg):
+    """Per-target (student logits, reference per-token loss) from plain transformers forwards."""
+    out = {}
+    with torch.no_grad():
+        for row in [i for i, w in enumerate(plan.weight) if w > 0]:
+            g = groups[row]
+            student = hf_model(input_ids=torch.tensor([g["prompt"] + g["response"]])).logits[0]
+            teacher = hf_model(input_ids=torch.tensor([plan.teacher_ids[row]])).logits[0]
+            p, t, r = len(g["prompt"]), plan.teacher_prompt_len[row], len(g["response"])
+            out[row] = (student[p - 1 : p - 1 + r], teacher[t - 1 : t - 1 + r])
+    return out
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False])
+def test_teacher_forward_matches_transformers(engine, hf_model, groups, tokenizer, use_remove_padding):
+    from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight
+
+    plan = plan_for(groups, tokenizer, SSOPDConfig())
+    td = make_batch(groups, plan, engine, use_remove_padding=use_remove_padding)
+    sequences = [torch.tensor(plan.teacher_ids[i]) for i, w in enumerate(plan.weight) if w > 0]
+    assert len(sequences) == 2
+    with engine.eval_mode():
+        states, starts = TeacherForward(engine).hidden_states(sequences, td)
+        weight = lm_head_weight(engine.module)
+    for seq, start in zip(sequences, starts.tolist()):
+        got = torch.log_softmax(states[start : start + len(seq)] @ weight.T, dim=-1)
+        with torch.no_grad():
+            want = torch.log_softmax(hf_model(input_ids=seq[None]).logits[0], dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("clip", ["pointwise", "token", "none"])
+def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_model, groups, tokenizer, clip):
+    cfg = SSOPDConfig(clip=clip, tau=0.05 if clip == "pointwise" else 1.0, chunk_size=3)
+    plan = plan_for(groups, tokenizer, cfg)
+    td = make_batch(groups, plan, engine)
+    loss_fn = actor_loss(cfg, engine)
+
+    with torch.no_grad():
+        packed = torch.cat([hf_model(input_ids=torch.tensor([g["prompt"] + g["response"]])).logits[0] for g in groups])
+    student = (packed / TEMPERATURE).requires_grad_(True)
+    engine.optimizer_zero_grad()
+    with engine.eval_mode():
+        out = loss_fn(student_logits=student[None], data=td)
+    assert set(out) == {"ssopd_loss", "ssopd_kl", "ssopd_clipfrac"}
+    assert all(v.shape == (1, packed.shape[0]) for v in out.values())
+    upstream = torch.rand(packed.shape[0])
+    (out["ssopd_loss"][0] * upstream).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in engine.module.parameters()), "teacher got a gradient"
+
+    # reference: same student logits (a fresh leaf), teacher logits from a plain forward
+    ref_student = (packed / TEMPERATURE).requires_grad_(True)
+    ref = torch.zeros(packed.shape[0])
+    starts = torch.cumsum(torch.tensor([len(g["prompt"]) + len(g["response"]) for g in groups]), 0).tolist()
+    starts = [0] + starts[:-1]
+    for row, (_, teacher) in reference_terms(hf_model, groups, plan, cfg).items():
+        g = groups[row]
+        pos = torch.arange(len(g["response"])) + starts[row] + len(g["prompt"]) - 1
+        ref = ref.index_put((pos,), clipped_forward_kl(
+            ref_student[pos] * TEMPERATURE, teacher, tau=cfg.tau, clip=clip, temperature=TEMPERATURE
+        ))
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out["ssopd_loss"][0].detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.grad, ref_student.grad, atol=1e-6, rtol=1e-5)
+    assert ref.abs().sum() > 0
+
+
+def gradients(engine, td, loss_fn):
+    """Parameter gradients of one forward/backward over the batch (every micro-batch), as full tensors."""
+    with engine.train_mode():
+        engine.optimizer_zero_grad()
+        engine.forward_backward_batch(td, loss_function=loss_fn)
+        grads = {n: p.grad.full_tensor().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+        engine.optimizer_zero_grad()
+    return grads
+
+
+def test_lambda_zero_is_grpo_bit_for_bit(engine, groups, tokenizer):
+    from verl.workers.utils.losses import ppo_loss
+
+    from ssopd_verl.cpu_engine import build_actor_config
+    from ssopd_verl.glue.actor_loss import mark_for_distillation
+
+    def grads_for(cfg, loss_fn):
+        td = make_batch(groups, plan_for(groups, tokenizer, cfg), engine)
+        mark_for_distillation(td, cfg)  # the worker's update_actor does exactly this
+        return gradients(engine, td, loss_fn)
+
+    zero = SSOPDConfig(lam=0.0)
+    grpo = grads_for(zero, functools.partial(ppo_loss, config=build_actor_config()))
+    ssopd_zero = grads_for(zero, actor_loss(zero, engine))
+    ssopd_one = grads_for(SSOPDConfig(), actor_loss(SSOPDConfig(), engine))
+    assert grpo and set(grpo) == set(ssopd_zero) == set(ssopd_one)
+    assert all(torch.equal(grpo[k], ssopd_zero[k]) for k in grpo)
+    assert any(not torch.equal(grpo[k], ssopd_one[k]) for k in grpo), "lambda > 0 changed nothing"
+
+
+def _metric_sum(output, key):
+    values = output["metrics"][key]
+    values = values if isinstance(values, list) else [values]
+    return sum(float(getattr(v, "value", v) if not hasattr(v, "aggregate") else v.aggregate()) for v in values)
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 8])
+def test_distill_term_matches_reference_at_any_micro_batch_size(engine, hf_model, groups, tokenizer, micro_batch_size):
+    cfg = SSOPDConfig()
+    plan = plan_for(groups, tokenizer, cfg)
+    td = make_batch(groups, plan, engine, micro_batch_size_per_gpu=micro_batch_size, compute_loss=True)
+    from ssopd_verl.glue.actor_loss import mark_for_distillation
+
+    mark_for_distillation(td, cfg)
+    with engine.eval_mode():
+        output = engine.infer_batch(td, loss_function=actor_loss(cfg, engine))
+    expected = 0.0
+    for row, (student, teacher) in reference_terms(hf_model, groups, plan, cfg).items():
+        per_token = clipped_forward_kl(student, teacher, tau=cfg.tau, temperature=TEMPERATURE)
+        expected += plan.weight[row] * per_token.mean().item()
+    expected /= len(groups) / N  # G = global_batch_size / n prompts
+    assert expected > 0
+    assert _metric_sum(output, "ssopd/distill_loss") == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_actor_update_with_pairs(engine, groups, tokenizer):
+    # Last in the file: it moves the shared engine's weights away from the checkpoint the other tests compare to.
+    from ssopd_verl.glue.actor_loss import mark_for_distillation
+
+    cfg = SSOPDConfig()
+    td = make_batch(groups, plan_for(groups, tokenizer, cfg), engine)
+    mark_for_distillation(td, cfg)
+    before = {k: v.clone() for k, v in engine.get_per_tensor_param()[0]}
+    with engine.train_mode():
+        output = engine.train_batch(td, loss_function=actor_loss(cfg, engine))
+    after = dict(engine.get_per_tensor_param()[0])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for key in ("ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clip_frac"):
+        value = _metric_sum(output, key)
+        assert value == value and abs(value) < float("inf"), key
+    assert _metric_sum(output, "ssopd/distill_loss") > 0
