@@ -36,13 +36,15 @@ def guard_recipe(argv: list[str]) -> None:
 
 
 def register() -> None:
+    # The CPU platform first: importing verl's engines (the trainer does) resolves verl's platform for the
+    # process, and with VERL_PLATFORM=cpu that resolution must find "cpu" registered.
+    from ssopd_verl.glue import cpu_platform
+
+    cpu_platform.register_cpu_platform()
     from ssopd_verl.glue import estimator
 
     estimator.register()
     import ssopd_verl.glue.trainer  # noqa: F401  (registers the trainer mode on import)
-    from ssopd_verl import cpu_platform
-
-    cpu_platform.register_cpu_platform()
 
 
 guard_recipe(sys.argv)

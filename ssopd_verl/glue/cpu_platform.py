@@ -21,7 +21,7 @@ What else blocks verl's FSDP2 engine on CPU, and how it is handled:
   ``TrainingWorker.__init__``) builds the backend string ``f"cpu:gloo,{device}:{backend}"``, i.e.
   ``"cpu:gloo,cpu:gloo"``, which torch rejects ("Duplicate device type cpu"). No verl hook changes that string,
   but verl skips initialisation when a process group already exists: call :func:`init_gloo_process_group` first
-  (``ssopd_verl.cpu_engine`` does; a Ray worker subclass must do it before ``TrainingWorker.__init__``).
+  (``ssopd_verl.glue.cpu_engine`` does; a Ray worker subclass must do it before ``TrainingWorker.__init__``).
 * ``get_device_id()`` is used as ``tensor.to(get_device_id())``: :meth:`CPUPlatform.current_device` therefore
   returns the string ``"cpu"`` (as ``torch.cpu.current_device()`` does), never an int (``.to(0)`` means cuda:0).
 * ``get_torch_device()`` returns :data:`cpu_device_module`, ``torch.cpu`` plus the CUDA-style calls verl makes
@@ -35,9 +35,12 @@ What else blocks verl's FSDP2 engine on CPU, and how it is handled:
   ``ResourcePoolManager._check_resource_available`` still counts only "GPU"/"NPU" resources: declare logical GPUs
   (``ray_init.num_gpus``) or override the check in the trainer.
 
-Importing this module imports ``verl.plugin.platform`` only (cheap); :func:`register_cpu_platform` also imports
-verl's FSDP engine module, whose import resolves the platform (``device_name = get_device_name()`` at module
-level): set ``VERL_PLATFORM=cpu`` before calling it when the CPU platform is wanted.
+Importing this module does not import verl (``CPUPlatform`` is built on first use; see ``_CPUPlatformMethods``).
+Registering the engines imports verl's FSDP engine module, whose import resolves verl's platform
+(``device_name = get_device_name()`` at module level), so :func:`register_cpu_platform` registers them only when
+``VERL_PLATFORM=cpu`` is already set (safe to call from the ``verl.plugins`` entry point during ``import verl``,
+provided it runs before anything there imports verl's engine or trainer modules); :func:`register_cpu_engines`
+forces it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ import types
 from typing import Any, Optional
 
 import torch
-from verl.plugin.platform import PlatformBase, PlatformRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ class _CPUDeviceModule(types.ModuleType):
         return None
 
 
-cpu_device_module = _CPUDeviceModule("ssopd_verl.cpu_platform.cpu_device_module")
+cpu_device_module = _CPUDeviceModule("ssopd_verl.glue.cpu_platform.cpu_device_module")
 cpu_device_module.__doc__ = _CPUDeviceModule.__doc__
 
 
@@ -243,8 +245,13 @@ cpu_device_module.__doc__ = _CPUDeviceModule.__doc__
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class CPUPlatform(PlatformBase):
-    """verl platform for plain CPU hosts: device "cpu", collectives over gloo, no profiler, no IPC."""
+class _CPUPlatformMethods:
+    """The methods of :class:`CPUPlatform` (``PlatformBase``'s interface), free of verl imports.
+
+    ``CPUPlatform`` itself (this class + ``verl.plugin.platform.PlatformBase``) is created on first use: importing
+    verl runs its ``verl.plugins`` entry points, and ours calls back into this module, so this module must not
+    import verl at import time (a re-entrant import would see it half-initialised).
+    """
 
     @property
     def device_name(self) -> str:
@@ -357,15 +364,53 @@ def register_cpu_engines() -> None:
                 logger.info("EngineRegistry already has %s/%s/cpu -> %s; kept", model_type, backend, registered)
 
 
-def register_cpu_platform(*, engines: bool = True) -> type[CPUPlatform]:
-    """Register :class:`CPUPlatform` as verl platform "cpu" and (``engines=True``) verl's FSDP engines for device
-    "cpu". Idempotent. Selecting the platform is separate: ``VERL_PLATFORM=cpu`` before verl first resolves it.
+_PLATFORM_CLS: Optional[type] = None
+
+
+def _platform_class() -> type:
+    """``CPUPlatform``: ``_CPUPlatformMethods`` + verl's ``PlatformBase``, created once."""
+    global _PLATFORM_CLS
+    if _PLATFORM_CLS is None:
+        from verl.plugin.platform import PlatformBase  # may run verl's plugins, which may call back in here
+
+        if _PLATFORM_CLS is None:
+            cls = type(
+                "CPUPlatform",
+                (_CPUPlatformMethods, PlatformBase),
+                {"__module__": __name__, "__qualname__": "CPUPlatform", "__doc__": _CPU_PLATFORM_DOC},
+            )
+            _PLATFORM_CLS = cls
+    return _PLATFORM_CLS
+
+
+_CPU_PLATFORM_DOC = """verl platform for plain CPU hosts: device "cpu", collectives over gloo, no profiler, no IPC."""
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `from ssopd_verl.glue.cpu_platform import CPUPlatform` imports verl lazily
+    if name == "CPUPlatform":
+        return _platform_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_cpu_platform(*, engines: Optional[bool] = None) -> type:
+    """Register ``CPUPlatform`` as verl platform "cpu" and verl's FSDP engines for device "cpu". Idempotent.
+
+    Selecting the platform is separate: ``VERL_PLATFORM=cpu`` before verl first resolves it. ``engines``: None (the
+    default) registers the engines only when ``VERL_PLATFORM=cpu`` is set, because importing verl's engine module
+    resolves (and caches) verl's platform: doing that unconditionally, e.g. from the ``verl.plugins`` entry point
+    during ``import verl``, would pin every process that sets ``VERL_PLATFORM`` later to "cuda". True/False force it.
+    Returns the ``CPUPlatform`` class.
     """
-    if PlatformRegistry.get(PLATFORM_NAME) is not CPUPlatform:
-        PlatformRegistry.register(platform=PLATFORM_NAME)(CPUPlatform)
+    cls = _platform_class()
+    from verl.plugin.platform import PlatformRegistry
+
+    if PlatformRegistry.get(PLATFORM_NAME) is not cls:
+        PlatformRegistry.register(platform=PLATFORM_NAME)(cls)
+    if engines is None:
+        engines = os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
     if engines:
         register_cpu_engines()
-    return CPUPlatform
+    return cls
 
 
 def is_cpu_platform_active() -> bool:

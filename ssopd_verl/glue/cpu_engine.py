@@ -8,8 +8,8 @@ stores per row and what ``TrainingWorker.train_batch`` / ``infer_batch`` inject 
 :func:`build_actor_config` composes verl's default PPO trainer config with Hydra and converts the actor node with
 ``omega_conf_to_dataclass``, as ``ActorRolloutRefWorker.init_model`` does, for ``partial(ppo_loss, config=...)``.
 
-The CPU platform must be verl's platform in this process: ``VERL_PLATFORM=cpu`` before verl first resolves its
-platform (this module sets it if unset, and raises if verl already resolved another one).
+The CPU platform must be verl's platform in this process: :func:`ensure_cpu_platform` (called by the builder)
+selects it, provided nothing resolved verl's platform earlier in the process (it raises otherwise).
 """
 
 from __future__ import annotations
@@ -33,22 +33,36 @@ _BF16_MIXED_PRECISION = {"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_
 
 
 def ensure_cpu_platform() -> None:
-    """Select and register verl's CPU platform and engines in this process, or raise if verl resolved another."""
-    env = os.environ.get("VERL_PLATFORM", "").strip().lower()
-    if env and env != "cpu":
-        raise RuntimeError(f"VERL_PLATFORM={env!r}; the CPU engine needs VERL_PLATFORM=cpu")
+    """Make verl's platform in this process the CPU platform; register it and verl's FSDP engines for "cpu".
+
+    verl resolves its platform once per process, from ``VERL_PLATFORM``, the first time anything asks (importing
+    verl's engine or trainer modules does). This sets ``VERL_PLATFORM=cpu`` only while verl is imported and the
+    platform resolved, then restores the environment, so child processes do not inherit it (a Ray worker needs
+    ``VERL_PLATFORM=cpu`` in its runtime env). Raises if ``VERL_PLATFORM`` names another platform, or if verl had
+    already resolved another platform in this process.
+    """
+    previous = os.environ.get("VERL_PLATFORM")
+    if previous and previous.strip().lower() != "cpu":
+        raise RuntimeError(f"VERL_PLATFORM={previous!r}; the CPU engine needs VERL_PLATFORM=cpu (or unset)")
     os.environ["VERL_PLATFORM"] = "cpu"
+    try:
+        from ssopd_verl.glue.cpu_platform import is_cpu_platform_active, register_cpu_engines, register_cpu_platform
 
-    from ssopd_verl.cpu_platform import is_cpu_platform_active, register_cpu_platform
-
-    register_cpu_platform()
-    if not is_cpu_platform_active():
+        register_cpu_platform(engines=False)  # imports verl: its plugins may resolve the platform (env is set)
+        active = is_cpu_platform_active()
+    finally:
+        if previous is None:
+            os.environ.pop("VERL_PLATFORM", None)
+        else:
+            os.environ["VERL_PLATFORM"] = previous
+    if not active:
         from verl.plugin.platform import get_platform
 
         raise RuntimeError(
-            f"verl's platform was resolved as {get_platform().device_name!r} before VERL_PLATFORM=cpu was set "
-            "(it is cached per process); set VERL_PLATFORM=cpu before importing verl's engines"
+            f"verl's platform was already resolved as {get_platform().device_name!r} in this process (it is cached "
+            "on first use); call ensure_cpu_platform() or set VERL_PLATFORM=cpu before verl's engines are imported"
         )
+    register_cpu_engines()
 
 
 def build_cpu_fsdp2_engine(
@@ -71,7 +85,7 @@ def build_cpu_fsdp2_engine(
     ``engine_config`` values ``TrainingWorker`` would inject into each batch (see :func:`make_train_tensordict`).
     """
     ensure_cpu_platform()
-    from ssopd_verl.cpu_platform import init_gloo_process_group
+    from ssopd_verl.glue.cpu_platform import init_gloo_process_group
 
     init_gloo_process_group()
 
@@ -166,12 +180,14 @@ def make_train_tensordict(
     Per row (all jagged nested tensors, as verl's v1 trainer stores them; int64 like the agent loop's output):
     ``prompts`` (prompt ids), ``responses`` (response ids), ``input_ids`` (prompt + response),
     ``position_ids`` (0..len-1), ``response_mask`` (ones over the response), ``loss_mask`` (= ``response_mask``,
-    as the v1 agent loop sets it; the engine only sums it for ``batch_num_tokens``), ``attention_mask`` (ones over
-    the sequence). Every prompt must be non-empty (verl's ``no_padding_2_padding`` reads the log-prob at the last
-    prompt position).
+    as the v1 agent loop sets it; the engine only sums it for ``batch_num_tokens``). No ``attention_mask``: the v1
+    rows carry none and the engine builds its own. Every prompt must be non-empty (verl's ``no_padding_2_padding``
+    reads the log-prob at the last prompt position).
 
     ``fields``: extra per-row data, each a list of 1-D rows (nested, e.g. ``old_log_probs`` / ``advantages`` of
-    response length as float32) or a dense tensor with leading dim = batch size. Every row must carry every field.
+    response length; floating rows become float32) or a dense tensor with leading dim = batch size. Every row must
+    carry every field. A ``response_mask`` given here replaces the default (and ``loss_mask`` follows it unless
+    also given).
 
     Non-tensor keys (``NonTensorData``): ``temperature`` (a float; or per-row values -> a (bsz,) float32 tensor),
     ``pad_mode`` = NO_PADDING, ``global_batch_size`` (= batch size), ``global_token_num`` (sequence lengths),
@@ -204,7 +220,6 @@ def make_train_tensordict(
         "responses": to_nested(response_rows),
         "input_ids": to_nested(seq_rows),
         "position_ids": to_nested([torch.arange(s.numel(), dtype=torch.int64) for s in seq_rows]),
-        "attention_mask": to_nested([torch.ones(s.numel(), dtype=torch.int64) for s in seq_rows]),
         "response_mask": to_nested([torch.ones(r.numel(), dtype=torch.int64) for r in response_rows]),
     }
     tensors["loss_mask"] = tensors["response_mask"].clone()
@@ -222,6 +237,9 @@ def make_train_tensordict(
             rows = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in val]
             rows = [r.to(torch.float32) if r.is_floating_point() else r for r in rows]
             tensors[key] = to_nested(rows)
+
+    if "response_mask" in (fields or {}) and "loss_mask" not in (fields or {}):
+        tensors["loss_mask"] = tensors["response_mask"].clone()
 
     td = TensorDict(tensors, batch_size=[bsz])
 
