@@ -1,0 +1,145 @@
+# Shared base of the nine launch scripts qwen3_{1.7b,4b,8b}_{grpo,opsd,ssopd}.sh: sourced, not run.
+#
+# The caller sets MODEL_SIZE (1.7b | 4b | 8b) and METHOD_ARGS (the only lines in which GRPO, OPSD and SSOPD differ),
+# then sources this file, which builds verl's Hydra overrides and runs
+#     python -m verl.trainer.main_ppo +recipe=ssopd <base overrides> <METHOD_ARGS> "$@"
+# so any override on the command line wins (e.g. `bash qwen3_8b_ssopd.sh trainer.total_training_steps=10`).
+#
+# Knobs (environment variables; defaults in brackets):
+#   MODEL_PATH        HF id or local path                     [Qwen/Qwen3-<size>]
+#   DATA_DIR          where scripts/prepare_data.py wrote     [~/data/ssopd]
+#   TRAIN_FILES       training parquet(s), Hydra list syntax  [$DATA_DIR/openthoughts_math/train.parquet]
+#   VAL_FILES         validation parquet(s)                   [AIME24, AIME25, HMMT25 Feb under $DATA_DIR/eval]
+#   NNODES, N_GPUS_PER_NODE                                   [per size, see below; 8]
+#   PROJECT_NAME, EXPERIMENT_NAME                             [ssopd, <script name>]
+#   CKPT_ROOT         checkpoints go to $CKPT_ROOT/<project>/<experiment>   [checkpoints]
+#   LOG_DIR           verl `file` logger root (JSONL of metrics for scripts/report.py)  [$PWD/logs]
+#   LOGGER            trainer.logger                          ['console','file']
+#   TRAIN_BATCH_SIZE [128] ROLLOUT_N [8] MAX_PROMPT_LENGTH [1024] MAX_RESPONSE_LENGTH [16384] LR [1e-6]
+#   PPO_MINI_BATCH_SIZE [32] TOTAL_STEPS [300] SAVE_FREQ [50] TEST_FREQ [25] VAL_N [4]
+#   ROLLOUT_TP, GPU_MEMORY_UTILIZATION, PPO_MAX_TOKEN_LEN, OFFLOAD  [per size, see below]
+#   PYTHON            interpreter                             [python3]
+#   DRY_RUN=1 (or --dry-run as the first argument): append `--cfg job`: verl composes and prints the config, and
+#                     nothing runs (no GPU, model or data needed).
+#
+# Multi-node: start Ray yourself, then run the script on the head node with NNODES set; verl's `ray.init()` joins
+# the running cluster:   head:    ray start --head --port=6379
+#                        workers: ray start --address=<head-ip>:6379
+# (ssopd-verl and the data must be installed/readable on every node; LOG_DIR and CKPT_ROOT on a shared filesystem.)
+# See docs/reproduction.md for the hardware estimates and why each setting has its value.
+
+set -euo pipefail
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    DRY_RUN=1
+    shift
+fi
+
+: "${MODEL_SIZE:?the launch script must set MODEL_SIZE}"
+declare -p METHOD_ARGS >/dev/null 2>&1 || { echo "the launch script must set METHOD_ARGS" >&2; exit 2; }
+
+# Per-size settings [our choice; the paper does not state its training hardware or parallelism]:
+#   rollout tensor parallel, vLLM memory share, dynamic-batch token budget per GPU, FSDP offload, default nodes.
+case "$MODEL_SIZE" in
+    1.7b) size_model=Qwen/Qwen3-1.7B size_nnodes=1 size_tp=1 size_gpu_util=0.6 size_max_tok=24576 size_offload=False ;;
+    4b)   size_model=Qwen/Qwen3-4B size_nnodes=1 size_tp=2 size_gpu_util=0.6 size_max_tok=20480 size_offload=False ;;
+    8b)   size_model=Qwen/Qwen3-8B size_nnodes=2 size_tp=2 size_gpu_util=0.5 size_max_tok=17408 size_offload=True ;;
+    *) echo "unknown MODEL_SIZE=$MODEL_SIZE (1.7b | 4b | 8b)" >&2; exit 2 ;;
+esac
+
+SCRIPT_NAME=$(basename "$0" .sh)
+PYTHON=${PYTHON:-python3}
+MODEL_PATH=${MODEL_PATH:-$size_model}
+DATA_DIR=${DATA_DIR:-$HOME/data/ssopd}
+# One training set for all three methods, so that they differ only in the ssopd.* lines. It must carry reference
+# solutions (extra_info.solution) for the OPSD baseline; DAPO-Math-17k has none (fine for GRPO/SSOPD only).
+TRAIN_FILES=${TRAIN_FILES:-"['$DATA_DIR/openthoughts_math/train.parquet']"}
+EVAL_DIR=$DATA_DIR/eval
+VAL_FILES=${VAL_FILES:-"['$EVAL_DIR/aime24.parquet','$EVAL_DIR/aime25.parquet','$EVAL_DIR/hmmt25_feb.parquet']"}
+NNODES=${NNODES:-$size_nnodes}
+N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-8}
+PROJECT_NAME=${PROJECT_NAME:-ssopd}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-$SCRIPT_NAME}
+CKPT_ROOT=${CKPT_ROOT:-checkpoints}
+LOG_DIR=${LOG_DIR:-$PWD/logs}
+LOGGER=${LOGGER:-"['console','file']"}
+
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}        # prompts per step
+ROLLOUT_N=${ROLLOUT_N:-8}                        # completions per prompt (the group)
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
+MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-16384}
+LR=${LR:-1e-6}
+PPO_MINI_BATCH_SIZE=${PPO_MINI_BATCH_SIZE:-32}  # prompts per optimizer step: 128 / 32 = 4 updates per step
+TOTAL_STEPS=${TOTAL_STEPS:-300}
+SAVE_FREQ=${SAVE_FREQ:-50}
+TEST_FREQ=${TEST_FREQ:-25}
+VAL_N=${VAL_N:-4}                                # in-training validation samples (final numbers: scripts/evaluate.py)
+ROLLOUT_TP=${ROLLOUT_TP:-$size_tp}
+GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-$size_gpu_util}
+PPO_MAX_TOKEN_LEN=${PPO_MAX_TOKEN_LEN:-$size_max_tok}
+OFFLOAD=${OFFLOAD:-$size_offload}
+
+base_args=(
+    +recipe=ssopd
+    # data: one user turn ending in the boxed-answer instruction; Qwen3 thinking mode on (as in evaluation)
+    data.train_files="$TRAIN_FILES"
+    data.val_files="$VAL_FILES"
+    data.train_batch_size="$TRAIN_BATCH_SIZE"
+    data.max_prompt_length="$MAX_PROMPT_LENGTH"
+    data.max_response_length="$MAX_RESPONSE_LENGTH"
+    data.filter_overlong_prompts=True
+    data.truncation=error
+    +data.apply_chat_template_kwargs.enable_thinking=True
+    # reward: last \boxed{} graded with math-verify, 1 / 0 (verl's default scorers do not use math-verify)
+    reward.custom_reward_function.path=pkg://ssopd_verl.evaluation.grading
+    reward.custom_reward_function.name=compute_score
+    # model and actor: FSDP2, bf16 compute, gradient checkpointing, dynamic micro-batches by token count
+    actor_rollout_ref.model.path="$MODEL_PATH"
+    actor_rollout_ref.model.enable_gradient_checkpointing=True
+    actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.actor.strategy=fsdp2
+    actor_rollout_ref.ref.strategy=fsdp2
+    actor_rollout_ref.actor.optim.lr="$LR"
+    actor_rollout_ref.actor.optim.lr_warmup_steps=10
+    actor_rollout_ref.actor.optim.weight_decay=0.0
+    actor_rollout_ref.actor.ppo_mini_batch_size="$PPO_MINI_BATCH_SIZE"
+    actor_rollout_ref.actor.use_dynamic_bsz=True
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu="$PPO_MAX_TOKEN_LEN"
+    actor_rollout_ref.actor.entropy_coeff=0
+    actor_rollout_ref.actor.fsdp_config.param_offload="$OFFLOAD"
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload="$OFFLOAD"
+    # rollout: vLLM, grouped sampling at temperature 1.0 (GRPO groups = SSOPD groups)
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.n="$ROLLOUT_N"
+    actor_rollout_ref.rollout.temperature=1.0
+    actor_rollout_ref.rollout.top_p=1.0
+    actor_rollout_ref.rollout.tensor_model_parallel_size="$ROLLOUT_TP"
+    actor_rollout_ref.rollout.gpu_memory_utilization="$GPU_MEMORY_UTILIZATION"
+    actor_rollout_ref.rollout.val_kwargs.n="$VAL_N"
+    actor_rollout_ref.rollout.val_kwargs.temperature=1.0
+    actor_rollout_ref.rollout.val_kwargs.top_p=1.0
+    actor_rollout_ref.rollout.val_kwargs.do_sample=True
+    # trainer
+    trainer.project_name="$PROJECT_NAME"
+    trainer.experiment_name="$EXPERIMENT_NAME"
+    trainer.logger="$LOGGER"
+    trainer.nnodes="$NNODES"
+    trainer.n_gpus_per_node="$N_GPUS_PER_NODE"
+    trainer.total_training_steps="$TOTAL_STEPS"
+    trainer.save_freq="$SAVE_FREQ"
+    trainer.test_freq="$TEST_FREQ"
+    trainer.val_before_train=True
+    # a Hydra interpolation, so that the three methods' configs differ only in their ssopd.* lines and names
+    trainer.default_local_dir="$CKPT_ROOT/\${trainer.project_name}/\${trainer.experiment_name}"
+    # verl's file logger writes $LOG_DIR/<project>/<experiment>.jsonl in whichever process tracks (Ray actor)
+    ++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_ROOT="$LOG_DIR"
+)
+
+cmd=("$PYTHON" -m verl.trainer.main_ppo "${base_args[@]}" "${METHOD_ARGS[@]}" "$@")
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    cmd+=(--cfg job)
+else
+    mkdir -p "$LOG_DIR"
+    echo "+ ${cmd[*]}" >&2
+fi
+exec "${cmd[@]}"

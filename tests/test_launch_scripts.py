@@ -1,0 +1,151 @@
+"""The nine launch scripts compose against verl's real config (`--cfg job` through the script's own overrides).
+
+All nine dry runs start at once (each is a ~6 s `python -m verl.trainer.main_ppo ... --cfg job`), then the composed
+configs are checked: the shared base values, the per-size values, the method lines, verl's own config validation,
+SSOPD's start-up check, and that the three methods of a size differ only in the ssopd.* lines (and their names).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "scripts" / "launch"
+SIZES = {"1.7b": "Qwen/Qwen3-1.7B", "4b": "Qwen/Qwen3-4B", "8b": "Qwen/Qwen3-8B"}
+METHODS = ("grpo", "opsd", "ssopd")
+SCRIPTS = [f"qwen3_{size}_{method}" for size in SIZES for method in METHODS]
+DATA_DIR = "/data/ssopd-test"
+
+
+def _launch(script, cwd, env, *args):
+    return subprocess.Popen(
+        ["bash", str(LAUNCH / f"{script}.sh"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    """{script name: composed config}, from `DRY_RUN=1 bash <script>` run outside the repo, all at once; plus
+    "passthrough": qwen3_4b_ssopd with `--dry-run`, env knobs and command-line overrides."""
+    cwd = tmp_path_factory.mktemp("launch")
+    env = {**os.environ, "PYTHON": sys.executable, "DATA_DIR": DATA_DIR, "LOG_DIR": "/logs/x"}
+    for key in ("MODEL_PATH", "TRAIN_FILES", "VAL_FILES", "NNODES", "EXPERIMENT_NAME", "ROLLOUT_N", "DRY_RUN"):
+        env.pop(key, None)  # the defaults are under test
+    env.pop("VERL_PLATFORM", None)  # conftest selects the CPU platform for in-process tests; these target GPUs
+    procs = {name: _launch(name, cwd, {**env, "DRY_RUN": "1"}) for name in SCRIPTS}
+    procs["passthrough"] = _launch(
+        "qwen3_4b_ssopd", cwd, {**env, "MODEL_PATH": "/models/mine", "NNODES": "4"},
+        "--dry-run", "ssopd.tau=0.1", "trainer.total_training_steps=7",
+    )
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = yaml.safe_load(stdout)
+    return out
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        items = {}
+        for key, value in tree.items():
+            items.update(_flatten(value, f"{prefix}{key}."))
+        return items
+    return {prefix[:-1]: tree}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_composes_with_the_expected_values(composed, name):
+    cfg = composed[name]
+    size, method = name.split("_")[1:]
+    arr = cfg["actor_rollout_ref"]
+    assert arr["model"]["path"] == SIZES[size]
+    assert arr["rollout"]["name"] == "vllm"
+    assert arr["rollout"]["n"] == 8
+    assert arr["rollout"]["temperature"] == 1.0
+    assert cfg["data"]["train_batch_size"] == 128
+    assert cfg["data"]["max_prompt_length"] == 1024
+    assert cfg["data"]["max_response_length"] == 16384
+    assert cfg["data"]["apply_chat_template_kwargs"] == {"enable_thinking": True}
+    assert cfg["data"]["train_files"] == [f"{DATA_DIR}/openthoughts_math/train.parquet"]
+    assert cfg["data"]["val_files"] == [f"{DATA_DIR}/eval/{b}.parquet" for b in ("aime24", "aime25", "hmmt25_feb")]
+    assert arr["actor"]["strategy"] == "fsdp2" and arr["actor"]["use_dynamic_bsz"] is True
+    assert arr["actor"]["optim"]["lr"] == 1e-6
+    assert cfg["reward"]["custom_reward_function"] == {
+        "path": "pkg://ssopd_verl.evaluation.grading",
+        "name": "compute_score",
+    }
+    assert cfg["trainer"]["logger"] == ["console", "file"]
+    assert cfg["trainer"]["experiment_name"] == name
+    assert cfg["ray_kwargs"]["ray_init"]["runtime_env"]["env_vars"]["VERL_FILE_LOGGER_ROOT"] == "/logs/x"
+    # the recipe block is there (not the silent `recipe: ssopd` of a missing search path)
+    assert cfg["algorithm"]["adv_estimator"] == "ssopd"
+    assert cfg["trainer"]["v1"]["trainer_mode"] == "ssopd"
+    assert "recipe" not in cfg
+    ssopd = cfg["ssopd"]
+    expected = {
+        "grpo": {"lambda": 0, "witness_source": "shortest_correct"},
+        "opsd": {"lambda": 1.0, "witness_source": "reference_solution"},
+        "ssopd": {"lambda": 1.0, "witness_source": "shortest_correct"},
+    }[method]
+    assert {k: ssopd[k] for k in expected} == expected
+    assert ssopd["clip"] == "pointwise" and ssopd["tau"] == 0.05
+
+
+def test_sizes_get_their_parallelism_and_nodes(composed):
+    tp = {s: composed[f"qwen3_{s}_ssopd"]["actor_rollout_ref"]["rollout"]["tensor_model_parallel_size"] for s in SIZES}
+    nodes = {s: composed[f"qwen3_{s}_ssopd"]["trainer"]["nnodes"] for s in SIZES}
+    actors = {s: composed[f"qwen3_{s}_ssopd"]["actor_rollout_ref"]["actor"] for s in SIZES}
+    offload = {s: actor["fsdp_config"]["param_offload"] for s, actor in actors.items()}
+    assert tp == {"1.7b": 1, "4b": 2, "8b": 2}
+    assert nodes == {"1.7b": 1, "4b": 1, "8b": 2}
+    assert offload == {"1.7b": False, "4b": False, "8b": True}
+    for size in SIZES:  # verl's dynamic batching needs the longest sequence to fit one micro-batch
+        actor = composed[f"qwen3_{size}_ssopd"]["actor_rollout_ref"]["actor"]
+        assert actor["ppo_max_token_len_per_gpu"] >= 1024 + 16384
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_methods_differ_only_in_the_ssopd_lines(composed, size):
+    flat = {m: _flatten(composed[f"qwen3_{size}_{m}"]) for m in METHODS}
+    for method in ("grpo", "opsd"):
+        a, b = flat["ssopd"], flat[method]
+        differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        assert differing, "the variants must differ"
+        assert all(k.startswith("ssopd.") or k == "trainer.experiment_name" for k in differing), differing
+
+
+@pytest.mark.parametrize("name", ["qwen3_1.7b_ssopd", "qwen3_8b_opsd"])
+def test_composed_config_passes_verl_and_ssopd_validation(composed, name):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from ssopd_verl.glue.trainer import check_config
+
+    cfg = OmegaConf.create(composed[name])
+    assert need_critic(cfg) is False
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=False)
+    check_config(cfg)
+
+
+def test_command_line_overrides_and_env_knobs_pass_through(composed):
+    cfg = composed["passthrough"]
+    assert cfg["ssopd"]["tau"] == 0.1
+    assert cfg["trainer"]["total_training_steps"] == 7
+    assert cfg["actor_rollout_ref"]["model"]["path"] == "/models/mine"
+    assert cfg["trainer"]["nnodes"] == 4
+    assert composed["qwen3_4b_ssopd"]["trainer"]["total_training_steps"] == 300
+
+
+def test_variant_scripts_differ_only_in_their_method_lines():
+    """Each script is MODEL_SIZE + METHOD_ARGS + `source common.sh`; everything else lives in the shared base."""
+    for name in SCRIPTS:
+        lines = [l for l in (LAUNCH / f"{name}.sh").read_text().splitlines() if l and not l.startswith("#")]
+        assert lines[0].startswith("MODEL_SIZE=") and lines[1].startswith("METHOD_ARGS=")
+        assert lines[2:] == ['source "$(dirname "${BASH_SOURCE[0]}")/common.sh"'], name
