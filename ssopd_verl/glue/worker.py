@@ -19,6 +19,7 @@ from verl.single_controller.base.decorator import Dispatch, make_nd_compute_data
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.glue.cpu_platform import init_gloo_process_group, is_cpu_platform_active
 from ssopd_verl.glue.actor_loss import SSOPDActorLoss, mark_for_distillation
 
 
@@ -27,6 +28,10 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     def init_model(self):
         block = self.config.get("ssopd", None)
         self.ssopd = SSOPDConfig.from_mapping(OmegaConf.to_container(block, resolve=True) if block is not None else None)
+        if is_cpu_platform_active():
+            # verl would build the backend string "cpu:gloo,cpu:gloo", which torch rejects; it skips its own
+            # initialisation when a group exists (see cpu_platform).
+            init_gloo_process_group()
         super().init_model()
         if self.actor is not None:
             self.loss_fn = SSOPDActorLoss(
