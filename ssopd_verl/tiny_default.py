@@ -843,3 +843,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hydra resolver: `${ssopd_tiny:model_path}` in the `+tiny=default` overlay (registered by the verl plugin).
+
+RESOLVER = "ssopd_tiny"
+
+
+def resolve_path(field_name: str) -> str:
+    """A path of the tiny default for a config interpolation; builds it (once, cached) on first use."""
+    allowed = ("model_path", "train_file", "val_file")
+    if field_name not in allowed:
+        raise ValueError(f"${{{RESOLVER}:{field_name}}}: expected one of {allowed}")
+    built = build_tiny_default(progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return getattr(built, field_name)

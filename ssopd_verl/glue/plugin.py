@@ -3,7 +3,9 @@
 It registers, through verl's own registries:
 * the advantage estimator `ssopd` (`core_algos.register_adv_est`),
 * the trainer mode `ssopd` (`trainer.ppo.v1.register_trainer`),
-* a CPU platform and CPU FSDP engines, used only when `VERL_PLATFORM=cpu` (see `cpu_platform`).
+* a CPU platform and CPU FSDP engines, used only when `VERL_PLATFORM=cpu` (see `cpu_platform`),
+* the rollout backend `hf` on transformers `generate`, for CPU runs (`hf_rollout`; vLLM is for production),
+* the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` overlay uses for the embedded model and data.
 
 verl logs a failing plugin at DEBUG level only and goes on; `tests/test_registration.py` checks in a fresh
 process that `import verl` alone makes everything available. One failure must not pass silently: a run that
@@ -14,6 +16,7 @@ an explanation (SystemExit is not swallowed by verl's `except Exception`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 
@@ -35,6 +38,16 @@ def guard_recipe(argv: list[str]) -> None:
         )
 
 
+def select_cpu_platform(argv: list[str]) -> None:
+    """`+platform=cpu` on the command line selects verl's CPU platform in the driver too.
+
+    The overlay sets VERL_PLATFORM=cpu for the Ray workers; the driver resolves its platform when this plugin
+    imports verl's trainer, i.e. before Hydra has read the overlay, so the flag is read from argv here.
+    """
+    if any(arg.lstrip("+~") == "platform=cpu" for arg in argv):
+        os.environ.setdefault("VERL_PLATFORM", "cpu")
+
+
 def register() -> None:
     # The CPU platform first: importing verl's engines (the trainer does) resolves verl's platform for the
     # process, and with VERL_PLATFORM=cpu that resolution must find "cpu" registered.
@@ -45,7 +58,22 @@ def register() -> None:
 
     estimator.register()
     import ssopd_verl.glue.trainer  # noqa: F401  (registers the trainer mode on import)
+    from ssopd_verl.glue.hf_rollout import register_hf_rollout
+
+    register_hf_rollout()
+    register_tiny_default_resolver()
+
+
+def register_tiny_default_resolver() -> None:
+    """`${ssopd_tiny:model_path}` etc. in the `+tiny=default` overlay: the embedded model and data, built on first use."""
+    from omegaconf import OmegaConf
+
+    from ssopd_verl import tiny_default
+
+    if not OmegaConf.has_resolver(tiny_default.RESOLVER):
+        OmegaConf.register_new_resolver(tiny_default.RESOLVER, tiny_default.resolve_path, use_cache=True)
 
 
 guard_recipe(sys.argv)
+select_cpu_platform(sys.argv)
 register()

@@ -61,8 +61,7 @@ class SSOPDTrainer(PPOTrainerSync):
     # ---- step ------------------------------------------------------------------------------------------------
     def _compute_advantage(self, batch, metrics):
         batch = super()._compute_advantage(batch, metrics)
-        self._plan_distillation(batch, metrics)
-        return batch
+        return self._plan_distillation(batch, metrics)
 
     def _update_actor(self, batch, metrics):
         batch = super()._update_actor(batch, metrics)
@@ -71,6 +70,7 @@ class SSOPDTrainer(PPOTrainerSync):
         return batch
 
     def _plan_distillation(self, batch, metrics):
+        """Pair the batch's frontier groups; returns the batch meta, extended with the SSOPD fields."""
         grouped = estimator.ssopd_advantage.take()
         solution_root = self.ssopd.reference_solution_key.split(".")[0]
         fields = ["uid", "responses", "raw_prompt"]
@@ -102,7 +102,7 @@ class SSOPDTrainer(PPOTrainerSync):
         )
         metrics.update(plan.metrics)
         if not self.ssopd.enabled:
-            return  # lambda = 0: plain GRPO, nothing for the worker to read
+            return batch  # lambda = 0: plain GRPO, nothing for the worker to read
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Every row must carry every field (TransferQueue drops a field missing on some rows): non-targets get a
@@ -116,7 +116,8 @@ class SSOPDTrainer(PPOTrainerSync):
             },
             batch_size=len(uids),
         )
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+        # The returned meta lists the new fields: the worker's fetch reads only the fields its meta names.
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
 
 
 def check_config(config) -> SSOPDConfig:
