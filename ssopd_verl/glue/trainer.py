@@ -14,6 +14,10 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import ray
 import torch
@@ -57,6 +61,10 @@ class SSOPDTrainer(PPOTrainerSync):
 
         hf_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.model).hf_config
         self.max_teacher_length = self.ssopd.max_teacher_length or getattr(hf_config, "max_position_embeddings", None)
+
+    def fit(self, agent_loop_manager):
+        keep_previous_tracker_file(self.config.trainer)
+        return super().fit(agent_loop_manager)
 
     # ---- step ------------------------------------------------------------------------------------------------
     def _compute_advantage(self, batch, metrics):
@@ -118,6 +126,29 @@ class SSOPDTrainer(PPOTrainerSync):
         )
         # The returned meta lists the new fields: the worker's fetch reads only the fields its meta names.
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+
+def keep_previous_tracker_file(trainer_config) -> Optional[Path]:
+    """verl's `file` logger truncates `<root>/<project>/<experiment>.jsonl` when a run starts, so a resumed run
+    would erase the metrics of the steps before the checkpoint. Move an existing file aside first, to
+    `<experiment>.<k>.jsonl` (k = 1, 2, ...): the segments of a run stay next to each other."""
+    loggers = trainer_config.get("logger", [])
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+    if "file" not in loggers:
+        return None
+    path = os.getenv("VERL_FILE_LOGGER_PATH")  # the same resolution as verl.utils.tracking.FileLogger
+    if path is None:
+        root = os.path.expanduser(os.getenv("VERL_FILE_LOGGER_ROOT", "."))
+        path = os.path.join(root, trainer_config.project_name, f"{trainer_config.experiment_name}.jsonl")
+    current = Path(path)
+    if not current.exists() or current.stat().st_size == 0:
+        return None
+    k = 1
+    while (kept := current.with_name(f"{current.stem}.{k}{current.suffix}")).exists():
+        k += 1
+    current.rename(kept)
+    print(f"ssopd: kept the previous tracker file as {kept} (verl's file logger starts a new one)")
+    return kept
 
 
 def check_config(config) -> SSOPDConfig:
