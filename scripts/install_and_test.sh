@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: installs ssopd-verl and its CPU dependencies into .venv (in the repo), then runs
-# the whole test suite. CI (.ci/run) calls exactly this.
+# The README's test command: install into .venv, then run the whole test suite. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# constraints-cpu.txt pins torch to the CPU wheel (an unpinned torch pulls several GB of CUDA wheels).
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints-cpu.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[cpu,test]"
+bash scripts/install.sh
 exec .venv/bin/python -m pytest -q "$@"
