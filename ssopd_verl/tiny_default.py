@@ -736,13 +736,9 @@ def _build_into(out: Path, spec: TinyDefaultSpec, progress: Optional[Callable[[s
     model.generation_config.top_k = 0
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    # transformers 5 does not serialise the attention implementation; from_pretrained reads this key back.
-    cfg_file = model_dir / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["attn_implementation"] = "sdpa"
-    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    from ssopd_verl.tiny_model import save_with_sdpa
+
+    save_with_sdpa(model, tokenizer, model_dir)
 
     _write_parquet(_rows(splits["train"], "train"), out / TRAIN_FILE)
     _write_parquet(_rows(splits["val"], "val"), out / VAL_FILE)

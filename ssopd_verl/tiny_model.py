@@ -128,14 +128,22 @@ def build_tiny_qwen3(
         model = Qwen3ForCausalLM(config)
     model = model.to(dtype).eval()
 
+    save_with_sdpa(model, tokenizer, path)
+    return str(path)
+
+
+def save_with_sdpa(model, tokenizer, path: Union[str, os.PathLike]) -> Path:
+    """save_pretrained model and tokenizer, with ``"attn_implementation": "sdpa"`` in ``config.json``.
+
+    transformers 5 does not serialise the attention implementation; ``from_pretrained`` reads this key back, so
+    the saved model loads with sdpa (no flash-attention on CPU) wherever it is opened.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-
-    # transformers 5 does not serialise the attention implementation; from_pretrained reads this key back.
     config_file = path / "config.json"
     data = json.loads(config_file.read_text())
     data["attn_implementation"] = "sdpa"
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return str(path)
+    return path
