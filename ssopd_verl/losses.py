@@ -116,9 +116,11 @@ class ForwardKLTerms(NamedTuple):
     clip_fraction: torch.Tensor  # (N,) see chunked_clipped_forward_kl (detached)
 
 
-def _chunk_logprobs(student, hidden, weight, bias, lo, hi, temperature, prescaled, dtype):
-    """(log p_S, log p_T) for rows lo:hi, both (hi - lo, V) in `dtype`; teacher logits built here."""
-    z = student[lo:hi].to(dtype)
+def _chunk_logprobs(student, hidden, weight, bias, lo, hi, temperature, prescaled, dtype, rows=None):
+    """(log p_S, log p_T) for rows lo:hi, both (hi - lo, V) in `dtype`; teacher logits built here.
+
+    `rows` (optional) maps teacher row i to student row rows[i]: only the chunk's student rows are gathered."""
+    z = (student[lo:hi] if rows is None else student[rows[lo:hi]]).to(dtype)
     if not prescaled:
         z = z / temperature
     u = hidden[lo:hi].to(dtype) @ weight.T
@@ -132,18 +134,18 @@ class _ChunkedClippedFKL(torch.autograd.Function):
     """Streams over row chunks; saves only its inputs and recomputes teacher probabilities in backward."""
 
     @staticmethod
-    def forward(ctx, student, hidden, weight, bias, tau, clip, temperature, prescaled, chunk_size):
+    def forward(ctx, student, hidden, weight, bias, rows, tau, clip, temperature, prescaled, chunk_size):
         dtype = _compute_dtype(student.dtype, hidden.dtype, weight.dtype, *(() if bias is None else (bias.dtype,)))
         # One cast of the (V, H) weight per call (a no-op when it already has `dtype`): casting per
         # chunk would repeat it N / chunk_size times. (V, H) is independent of N.
         w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-        n = student.shape[0]
+        n = hidden.shape[0]
         loss = torch.empty(n, dtype=dtype, device=student.device)
         kl = torch.empty_like(loss)
         clip_fraction = torch.empty_like(loss)
         for lo in range(0, n, chunk_size):
             hi = min(lo + chunk_size, n)
-            logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype)
+            logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype, rows)
             _, d = _kl_terms(logp_t, logp_s)
             kl[lo:hi] = d.sum(-1)
             loss[lo:hi] = _clip_loss(d, tau, clip)
@@ -153,7 +155,7 @@ class _ChunkedClippedFKL(torch.autograd.Function):
                 clip_fraction[lo:hi] = (kl[lo:hi] > tau).to(dtype)
             else:
                 clip_fraction[lo:hi] = 0
-        ctx.save_for_backward(student, hidden, weight, bias)
+        ctx.save_for_backward(student, hidden, weight, bias, rows)
         ctx.opts = (tau, clip, temperature, prescaled, chunk_size, dtype)
         ctx.mark_non_differentiable(kl, clip_fraction)
         return loss, kl, clip_fraction
@@ -161,17 +163,18 @@ class _ChunkedClippedFKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kl, _grad_clip_fraction):
-        student, hidden, weight, bias = ctx.saved_tensors
+        student, hidden, weight, bias, rows = ctx.saved_tensors
         tau, clip, temperature, prescaled, chunk_size, dtype = ctx.opts
         grad_student = None
         if ctx.needs_input_grad[0]:
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            # The only (N, V) allocation: the result itself, in the student's dtype.
-            grad_student = torch.empty_like(student)
+            # The only (M, V) allocation: the result itself, in the student's dtype (rows that are not
+            # distilled get zero).
+            grad_student = torch.empty_like(student) if rows is None else torch.zeros_like(student)
             scale = grad_loss.to(dtype) if prescaled else grad_loss.to(dtype) / temperature
-            for lo in range(0, student.shape[0], chunk_size):
-                hi = min(lo + chunk_size, student.shape[0])
-                logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype)
+            for lo in range(0, hidden.shape[0], chunk_size):
+                hi = min(lo + chunk_size, hidden.shape[0])
+                logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype, rows)
                 p_s = logp_s.exp()
                 p_t, d = _kl_terms(logp_t, logp_s)
                 if clip == "pointwise":
@@ -181,9 +184,10 @@ class _ChunkedClippedFKL(torch.autograd.Function):
                     g = p_s - p_t
                     if clip == "token":
                         g = g * (d.sum(-1, keepdim=True) <= tau)
-                grad_student[lo:hi] = g * scale[lo:hi, None]
+                target = slice(lo, hi) if rows is None else rows[lo:hi]
+                grad_student[target] = (g * scale[lo:hi, None]).to(grad_student.dtype)
         # Stop-gradient teacher: never a gradient to hidden states, lm_head weight or bias.
-        return grad_student, None, None, None, None, None, None, None, None
+        return grad_student, None, None, None, None, None, None, None, None, None
 
 
 def chunked_clipped_forward_kl(
@@ -197,6 +201,7 @@ def chunked_clipped_forward_kl(
     student_prescaled: bool = False,
     lm_head_bias: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
+    student_rows: Optional[torch.Tensor] = None,
 ) -> ForwardKLTerms:
     """Memory-bounded clipped forward KL against teacher logits ``teacher_hidden @ W.T (+ b)``.
 
@@ -209,6 +214,10 @@ def chunked_clipped_forward_kl(
             hands them so); the teacher logits are always divided here.
         lm_head_bias: optional (V,) bias.
         chunk_size: rows per chunk; peak extra memory is a few (chunk_size, V) tensors.
+        student_rows: optional (N,) distinct indices into the rows of ``student_logits`` (then (M, V), any M):
+            teacher row i is compared with student row ``student_rows[i]``. Equals passing
+            ``student_logits[student_rows]`` without materialising that copy (or its gradient): verl hands the
+            logits of a whole micro-batch, of which only the target's response positions are distilled.
 
     Returns:
         ForwardKLTerms of (N,) tensors in float32 (float64 if an input is float64): ``loss``
@@ -224,8 +233,22 @@ def chunked_clipped_forward_kl(
             "expected student_logits (N, V), teacher_hidden (N, H), lm_head_weight (V, H); got "
             f"{tuple(student_logits.shape)}, {tuple(teacher_hidden.shape)}, {tuple(lm_head_weight.shape)}"
         )
-    n, v = student_logits.shape
-    if teacher_hidden.shape[0] != n or lm_head_weight.shape != (v, teacher_hidden.shape[1]):
+    m, v = student_logits.shape
+    n = teacher_hidden.shape[0]
+    if student_rows is not None:
+        student_rows = student_rows.to(device=student_logits.device, dtype=torch.long).reshape(-1)
+        if student_rows.numel() != n:
+            raise ValueError(f"student_rows has {student_rows.numel()} entries for {n} teacher rows")
+        if n and (int(student_rows.min()) < 0 or int(student_rows.max()) >= m):
+            raise ValueError(f"student_rows must index the {m} student rows")
+        if student_rows.unique().numel() != n:
+            raise ValueError("student_rows must be distinct")
+    elif n != m:
+        raise ValueError(
+            "shape mismatch: student_logits (N, V), teacher_hidden (N, H), lm_head_weight (V, H) required; got "
+            f"{tuple(student_logits.shape)}, {tuple(teacher_hidden.shape)}, {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_weight.shape != (v, teacher_hidden.shape[1]):
         raise ValueError(
             "shape mismatch: student_logits (N, V), teacher_hidden (N, H), lm_head_weight (V, H) required; got "
             f"{tuple(student_logits.shape)}, {tuple(teacher_hidden.shape)}, {tuple(lm_head_weight.shape)}"
@@ -233,7 +256,7 @@ def chunked_clipped_forward_kl(
     if lm_head_bias is not None and lm_head_bias.shape != (v,):
         raise ValueError(f"lm_head_bias must have shape ({v},), got {tuple(lm_head_bias.shape)}")
     loss, kl, clip_fraction = _ChunkedClippedFKL.apply(
-        student_logits, teacher_hidden, lm_head_weight, lm_head_bias,
+        student_logits, teacher_hidden, lm_head_weight, lm_head_bias, student_rows,
         float(tau), clip, float(temperature), bool(student_prescaled), chunk_size,
     )
     return ForwardKLTerms(loss, kl, clip_fraction)

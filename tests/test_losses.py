@@ -179,6 +179,33 @@ def test_chunked_matches_reference(clip, temperature):
             assert (terms.clip_fraction > 0).any() and (terms.clip_fraction == 0).any()
 
 
+@pytest.mark.parametrize("clip", CLIP_MODES)
+def test_chunked_student_rows_equal_gathered_rows(clip):
+    """student_rows=idx is student_logits[idx] without the copy: same values, same gradient (zero elsewhere)."""
+    n, v, h, m = 5, 40, 6, 12
+    student, hidden, weight, _ = make_chunked_inputs(3, m, v, h)
+    hidden = hidden[:n]
+    idx = torch.tensor([9, 0, 4, 11, 6])
+    upstream = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for chunk_size in (1, 2, n):
+        fed = student.clone().requires_grad_(True)
+        terms = chunked_clipped_forward_kl(fed, hidden, weight, tau=TAU, clip=clip, temperature=0.7,
+                                           chunk_size=chunk_size, student_rows=idx)
+        (terms.loss * upstream).sum().backward()
+        gathered = student.clone().requires_grad_(True)
+        expected = ref_loss(gathered[idx], (hidden @ weight.T).detach(), TAU, clip, 0.7)
+        (expected * upstream).sum().backward()
+        torch.testing.assert_close(terms.loss, expected.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fed.grad, gathered.grad, rtol=1e-10, atol=1e-12)
+        untouched = torch.ones(m, dtype=torch.bool)
+        untouched[idx] = False
+        assert not fed.grad[untouched].any()
+    with pytest.raises(ValueError, match="distinct"):
+        chunked_clipped_forward_kl(student, hidden, weight, student_rows=torch.tensor([1, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="index"):
+        chunked_clipped_forward_kl(student, hidden, weight, student_rows=torch.tensor([1, 2, 3, 4, 12]))
+
+
 def test_chunked_mixed_dtypes():
     # bf16 lm_head with fp32 hidden states; bf16 student. Results are float32, grad is bf16.
     student, hidden, weight, b = make_chunked_inputs(5, 9, 70, 8, dtype=torch.float32, bias=True)

@@ -108,7 +108,7 @@ class SSOPDActorLoss:
         teacher_hidden = states[teacher_pos].float() / token_temperature.unsqueeze(-1)
 
         terms = chunked_clipped_forward_kl(
-            logits[student_pos],
+            logits,  # the whole micro-batch; only the target rows' response positions are read (student_rows)
             teacher_hidden,
             weight,
             tau=self.ssopd.tau,
@@ -116,6 +116,7 @@ class SSOPDActorLoss:
             temperature=1.0,
             student_prescaled=True,
             chunk_size=self.ssopd.chunk_size,
+            student_rows=student_pos,
         )
         loss = zeros.index_put((student_pos,), terms.loss.float())
         kl = zeros.detach().index_put((student_pos,), terms.kl.float())

@@ -86,6 +86,9 @@ class SSOPDTrainer(PPOTrainerSync):
             fields.append(solution_root)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         uids = [str(u) for u in data["uid"]]
+        if any(not key.endswith("_0") for key in batch.keys):
+            # verl keys rows {uid}_{session}_{output index}; index > 0 means a multi-output agent loop.
+            raise NotImplementedError("SSOPD pairs single-turn completions; this batch has multi-output sessions")
         if uids != [str(u) for u in grouped.uids]:
             raise RuntimeError("SSOPD pairing: batch rows are not in the order the advantages were computed in")
 
