@@ -80,10 +80,22 @@ class TeacherForward:
         model_inputs, _ = self.engine.prepare_model_inputs(micro_batch=batch)
         lengths = torch.tensor([len(s) for s in sequences])
         starts = torch.cumsum(lengths, 0) - lengths
-        with torch.no_grad():
-            # logits_to_keep=1: the teacher's logits are projected chunkwise by the loss, never here.
-            output = self.engine.module(**model_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        states = output.hidden_states[-1]
+        captured = {}
+
+        def keep_last_hidden_state(_module, _inputs, output):
+            captured["states"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        # The decoder's output is the final (post-norm) hidden state. A hook on it, rather than
+        # output_hidden_states=True, which would keep every layer's states alive. The call goes through the root
+        # module so that FSDP2 gathers the root-owned parameters (embeddings, norm) as in any forward.
+        handle = self.engine.module.get_decoder().register_forward_hook(keep_last_hidden_state)
+        try:
+            with torch.no_grad():
+                # logits_to_keep=1: the teacher's logits are projected chunkwise by the loss, never here.
+                self.engine.module(**model_inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        states = captured["states"]
         if tu.get_non_tensor_data(data=batch, key="use_remove_padding", default=True):
             states = states.reshape(-1, states.shape[-1])[: int(lengths.sum())]  # packed (1, total [+pad], H)
         else:
