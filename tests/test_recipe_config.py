@@ -87,3 +87,28 @@ def test_bad_config_is_a_clear_error(bad, message):
 def test_missing_block_says_how_to_fix():
     with pytest.raises(ValueError, match=r"\+recipe=ssopd"):
         SSOPDConfig.from_mapping(None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("actor_rollout_ref.rollout.n=1", "rollout.n must be >= 2"),
+        ("algorithm.adv_estimator=grpo", "adv_estimator=ssopd"),
+        ("actor_rollout_ref.model.use_fused_kernels=true", "use_fused_kernels=false"),
+        ("algorithm.use_kl_in_reward=true", "use_kl_in_reward"),
+        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "Ulysses"),
+        ("ssopd.tau=-1", "tau"),
+    ],
+)
+def test_trainer_refuses_configs_it_cannot_run(override, message):
+    """SSOPDTrainer's start-up check, on configs composed in-process by Hydra with the recipe overlay."""
+    from hydra import compose, initialize_config_module
+
+    from ssopd_verl.glue.trainer import check_config
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        good = compose(config_name="ppo_trainer", overrides=["+recipe=ssopd"])
+        bad = compose(config_name="ppo_trainer", overrides=["+recipe=ssopd", override])
+    assert check_config(good).enabled
+    with pytest.raises(ValueError, match=message):
+        check_config(bad)

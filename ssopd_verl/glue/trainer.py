@@ -162,6 +162,11 @@ def check_config(config) -> SSOPDConfig:
             f"trainer.v1.trainer_mode=ssopd pairs completions from the ssopd advantage estimator: set "
             f"algorithm.adv_estimator=ssopd (got {config.algorithm.adv_estimator})"
         )
+    if config.algorithm.get("use_kl_in_reward", False):
+        raise ValueError(
+            "SSOPD judges correctness from the rewards the advantages use; with algorithm.use_kl_in_reward=true "
+            "they include the KL penalty. Use actor_rollout_ref.actor.use_kl_loss for a KL term instead."
+        )
     n = config.actor_rollout_ref.rollout.n
     if n < 2:
         raise ValueError(f"SSOPD needs groups: actor_rollout_ref.rollout.n must be >= 2, got {n}")
