@@ -510,17 +510,18 @@ def test_rollout_follows_the_actor_after_a_ppo_step(dummy_server, engine, prompt
 def ray_cluster():
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray cluster is already running in this process")
-    ray.init(
-        num_cpus=1,
-        num_gpus=0,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"VERL_PLATFORM": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+    started = not ray.is_initialized()  # reuse a cluster another test started in this process
+    if started:
+        ray.init(
+            num_cpus=1,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"VERL_PLATFORM": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        )
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def test_replica_launches_a_cpu_server_actor(ray_cluster, model_path, model_config, hf_model, prompts):
