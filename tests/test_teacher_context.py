@@ -100,7 +100,7 @@ def test_target_ids_verbatim_and_prompt_length(qwen_tokenizer):
 
 
 def test_accepts_tensor_target_and_does_not_mutate_messages(qwen_tokenizer):
-    torch = pytest.importorskip("torch")
+    import torch
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROBLEM}]
     snapshot = [dict(m) for m in messages]
     target = _target(qwen_tokenizer)
