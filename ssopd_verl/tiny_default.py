@@ -384,57 +384,33 @@ def sample_completions(
     *,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
-    generator=None,
+    seed: int = 0,
 ) -> list:
-    """Plain ancestral sampling (softmax(logits / temperature), no top-k / top-p) with a KV cache; prompts are
-    left-padded. Returns ``[(response_ids, finished)]``: ids up to and including ``<|im_end|>``; ``finished`` is
-    False when ``max_new_tokens`` ran out first (a truncated completion)."""
+    """Plain ancestral sampling (softmax(logits / temperature), no top-k / top-p) with transformers' ``generate``;
+    prompts are left-padded; the global RNG is seeded inside a fork, so the caller's RNG state is untouched.
+    Returns ``[(response_ids, finished)]``: ids up to and including ``<|im_end|>``; ``finished`` is False when
+    ``max_new_tokens`` ran out first (a truncated completion)."""
     import torch
-    from transformers import DynamicCache
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    n = len(prompts)
     width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    out = torch.full((n, max_new_tokens), pad, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
-    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-        for t in range(max_new_tokens):
-            logits = (
-                model(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                .logits[:, -1, :]
-                .float()
-            )
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out[:, t] = nxt
-            newly = (~done) & (nxt == eos)
-            lengths[newly] = t + 1
-            done |= newly
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        )[:, width:].tolist()
     model.train(was_training)
-    return [(out[i, : int(lengths[i])].tolist(), bool(done[i])) for i in range(n)]
+    results = []
+    for row in out:
+        finished = eos in row
+        results.append((row[: row.index(eos) + 1] if finished else row, finished))
+    return results
 
 
 def sampled_accuracy(
@@ -448,13 +424,10 @@ def sampled_accuracy(
     temperature: float = 1.0,
 ) -> tuple:
     """Fraction of sampled completions whose last ``\\boxed{}`` is the answer (truncated ones count as wrong).
-    Returns ``(accuracy, per_problem_correct_counts)``. Deterministic for a seed (own torch.Generator)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(int(seed))
+    Returns ``(accuracy, per_problem_correct_counts)``. Deterministic for a seed."""
     prompts = [_prompt_ids(tokenizer, p) for p in problems for _ in range(samples)]
     results = sample_completions(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, generator=gen
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )
     counts = [0] * len(problems)
     for k, (resp, finished) in enumerate(results):
