@@ -57,10 +57,14 @@ class SSOPDTrainer(PPOTrainerSync):
 
     def _init_tokenizer(self):
         super()._init_tokenizer()
-        from verl.utils.config import omega_conf_to_dataclass
+        self.max_teacher_length = self.ssopd.max_teacher_length
+        if self.max_teacher_length is None:
+            # verl's _init_tokenizer keeps only the tokenizer of the model config it builds; the HF config is
+            # read again here, once, only when the limit has to come from the model.
+            from verl.utils.config import omega_conf_to_dataclass
 
-        hf_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.model).hf_config
-        self.max_teacher_length = self.ssopd.max_teacher_length or getattr(hf_config, "max_position_embeddings", None)
+            hf_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.model).hf_config
+            self.max_teacher_length = getattr(hf_config, "max_position_embeddings", None)
 
     def fit(self, agent_loop_manager):
         keep_previous_tracker_file(self.config.trainer)
@@ -80,15 +84,14 @@ class SSOPDTrainer(PPOTrainerSync):
     def _plan_distillation(self, batch, metrics):
         """Pair the batch's frontier groups; returns the batch meta, extended with the SSOPD fields."""
         grouped = estimator.ssopd_advantage.take()
-        solution_root = self.ssopd.reference_solution_key.split(".")[0]
-        fields = ["uid", "responses", "raw_prompt"]
-        if self.ssopd.witness_source == "reference_solution":
-            fields.append(solution_root)
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        uids = [str(u) for u in data["uid"]]
         if any(not key.endswith("_0") for key in batch.keys):
             # verl keys rows {uid}_{session}_{output index}; index > 0 means a multi-output agent loop.
             raise NotImplementedError("SSOPD pairs single-turn completions; this batch has multi-output sessions")
+        fields = ["uid", "responses", "raw_prompt"]
+        if self.ssopd.witness_source == "reference_solution":
+            fields.append(self.ssopd.reference_solution_key.split(".")[0])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        uids = [str(u) for u in data["uid"]]
         if uids != [str(u) for u in grouped.uids]:
             raise RuntimeError("SSOPD pairing: batch rows are not in the order the advantages were computed in")
 
