@@ -37,7 +37,7 @@ def main() -> None:
     from ssopd_verl.distill_plan import plan_distillation
     from ssopd_verl.glue.actor_loss import (ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN, SSOPDActorLoss,
                                             mark_for_distillation)
-    from ssopd_verl.glue.cpu_engine import build_actor_config, build_cpu_fsdp2_engine, make_train_tensordict
+    from ssopd_verl.cpu.engine import build_actor_config, build_cpu_fsdp2_engine, make_train_tensordict
     from ssopd_verl.tiny_model import build_tiny_qwen3
     from verl.workers.utils.losses import ppo_loss
 

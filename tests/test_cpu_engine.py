@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from ssopd_verl.glue.cpu_engine import ensure_cpu_platform
+from ssopd_verl.cpu.engine import ensure_cpu_platform
 
 # verl resolves (and caches) its platform once per process: select the CPU platform at collection, before another
 # test module imports verl's engine or trainer modules. VERL_PLATFORM is set only while that happens (subprocesses
@@ -31,7 +31,7 @@ def model_path(tmp_path_factory):
 def engine(model_path):
     import torch.distributed as dist
 
-    from ssopd_verl.glue.cpu_engine import build_cpu_fsdp2_engine
+    from ssopd_verl.cpu.engine import build_cpu_fsdp2_engine
 
     had_group = dist.is_initialized()
     eng = build_cpu_fsdp2_engine(model_path, micro_batch_size_per_gpu=2, lr=1e-3, seed=0)
@@ -116,7 +116,7 @@ def _response_logprobs(engine, td):
     ],
 )
 def test_infer_logprobs_match_transformers(hf_model, engine, batch, use_remove_padding, use_dynamic_bsz, temperature):
-    from ssopd_verl.glue.cpu_engine import make_train_tensordict
+    from ssopd_verl.cpu.engine import make_train_tensordict
 
     prompts, responses = batch
     td = make_train_tensordict(
@@ -139,7 +139,7 @@ def test_infer_logprobs_match_transformers(hf_model, engine, batch, use_remove_p
 def test_engine_setup(engine):
     from torch.distributed.fsdp import FSDPModule
 
-    from ssopd_verl.glue.cpu_platform import CPUPlatform, register_cpu_platform
+    from ssopd_verl.cpu.platform import CPUPlatform, register_cpu_platform
     from verl.plugin.platform import PlatformRegistry, get_platform
     from verl.utils.device import get_device_id, get_device_name, get_nccl_backend, get_torch_device
     from verl.workers.engine import EngineRegistry
@@ -161,7 +161,7 @@ def test_engine_setup(engine):
 def test_train_batch_ppo_loss_updates_params(engine, batch):
     from torch.distributed.tensor import DTensor
 
-    from ssopd_verl.glue.cpu_engine import build_actor_config, make_train_tensordict
+    from ssopd_verl.cpu.engine import build_actor_config, make_train_tensordict
     from verl.workers.utils.losses import ppo_loss
 
     prompts, responses = batch

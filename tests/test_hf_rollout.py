@@ -1,4 +1,4 @@
-"""The transformers rollout backend (``ssopd_verl.glue.hf_rollout``) against plain transformers and verl's actor.
+"""The transformers rollout backend (``ssopd_verl.cpu.rollout``) against plain transformers and verl's actor.
 
 Run: ``cd /work/main && .venv/bin/python -m pytest -q tests/test_hf_rollout.py``.
 
@@ -18,12 +18,12 @@ import types
 import pytest
 import torch
 
-from ssopd_verl.glue.cpu_engine import ensure_cpu_platform
+from ssopd_verl.cpu.engine import ensure_cpu_platform
 
 # verl caches its platform on first use: select the CPU platform before anything imports verl's engine modules.
 ensure_cpu_platform()
 
-from ssopd_verl.glue.hf_rollout import (  # noqa: E402
+from ssopd_verl.cpu.rollout import (  # noqa: E402
     ROLLOUT_NAME,
     HFReplica,
     HFRolloutServer,
@@ -118,7 +118,7 @@ def prompts(model_config):
 def engine(model_path):
     import torch.distributed as dist
 
-    from ssopd_verl.glue.cpu_engine import build_cpu_fsdp2_engine
+    from ssopd_verl.cpu.engine import build_cpu_fsdp2_engine
 
     had_group = dist.is_initialized()
     eng = build_cpu_fsdp2_engine(model_path, micro_batch_size_per_gpu=1, lr=1e-2, seed=0)
@@ -178,7 +178,7 @@ def _reference_logprobs(model, prompt, response, temperature=1.0):
 
 def _actor_logprobs(engine, prompts, responses, temperature):
     """verl's FSDP2 actor recomputation (what the trainer stores as old_log_probs)."""
-    from ssopd_verl.glue.cpu_engine import make_train_tensordict
+    from ssopd_verl.cpu.engine import make_train_tensordict
     from verl.workers.utils.padding import response_from_nested
 
     td = make_train_tensordict(prompts, responses, temperature=temperature, engine=engine, compute_loss=False)
@@ -260,10 +260,10 @@ def test_registration_from_a_plugin_while_this_module_imports_verl(tmp_path):
     """A Ray worker's first import is this module (unpickling HFRolloutServer); it imports verl, verl loads its
     plugins, and a plugin calling register_hf_rollout() must find it in the partially initialised module."""
     (tmp_path / "hf_plugin_shim.py").write_text(
-        "from ssopd_verl.glue.hf_rollout import register_hf_rollout\nregister_hf_rollout()\n"
+        "from ssopd_verl.cpu.rollout import register_hf_rollout\nregister_hf_rollout()\n"
     )
     code = (
-        "import ssopd_verl.glue.hf_rollout as m\n"
+        "import ssopd_verl.cpu.rollout as m\n"
         "from verl.workers.rollout.base import get_rollout_class\n"
         "from verl.workers.rollout.replica import get_rollout_replica_class\n"
         "assert get_rollout_class('hf', 'async') is m.HFServerAdapter\n"
@@ -463,7 +463,7 @@ def test_rollout_follows_the_actor_after_a_ppo_step(dummy_server, engine, prompt
     """Train verl's FSDP2 actor one PPO step, sync with verl's own export, compare log-probs with the actor."""
     import functools
 
-    from ssopd_verl.glue.cpu_engine import build_actor_config, make_train_tensordict
+    from ssopd_verl.cpu.engine import build_actor_config, make_train_tensordict
     from verl.workers.utils.losses import ppo_loss
 
     server = dummy_server

@@ -32,7 +32,7 @@ RANK_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from transformers import AutoTokenizer
-    from ssopd_verl.glue.cpu_engine import build_cpu_fsdp2_engine, make_train_tensordict, build_actor_config
+    from ssopd_verl.cpu.engine import build_cpu_fsdp2_engine, make_train_tensordict, build_actor_config
     from ssopd_verl.glue.actor_loss import SSOPDActorLoss, mark_for_distillation, ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
     from ssopd_verl.config import SSOPDConfig
     from verl.workers.utils.losses import ppo_loss

@@ -44,7 +44,7 @@ def hf_model(model_path):
 
 
 def new_engine(model_path, **kw):
-    from ssopd_verl.glue.cpu_engine import build_cpu_fsdp2_engine
+    from ssopd_verl.cpu.engine import build_cpu_fsdp2_engine
 
     return build_cpu_fsdp2_engine(model_path, lr=1e-2, seed=0, **kw)
 
@@ -90,7 +90,7 @@ def plan_for(groups, tokenizer, cfg):
 def make_batch(groups, plan, engine, old_log_probs=None, **non_tensor):
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-    from ssopd_verl.glue.cpu_engine import make_train_tensordict
+    from ssopd_verl.cpu.engine import make_train_tensordict
     from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
 
     responses = [r["response"] for r in groups]
@@ -117,7 +117,7 @@ def make_batch(groups, plan, engine, old_log_probs=None, **non_tensor):
 def actor_loss(cfg, engine):
     from verl.workers.utils.losses import ppo_loss
 
-    from ssopd_verl.glue.cpu_engine import build_actor_config
+    from ssopd_verl.cpu.engine import build_actor_config
     from ssopd_verl.glue.actor_loss import SSOPDActorLoss
 
     base = functools.partial(ppo_loss, config=build_actor_config())
@@ -204,7 +204,7 @@ def gradients(engine, td, loss_fn):
 def test_lambda_zero_is_grpo_bit_for_bit(engine, groups, tokenizer):
     from verl.workers.utils.losses import ppo_loss
 
-    from ssopd_verl.glue.cpu_engine import build_actor_config
+    from ssopd_verl.cpu.engine import build_actor_config
     from ssopd_verl.glue.actor_loss import mark_for_distillation
 
     def grads_for(cfg, loss_fn):

@@ -3,8 +3,8 @@
 It registers, through verl's own registries:
 * the advantage estimator `ssopd` (`core_algos.register_adv_est`),
 * the trainer mode `ssopd` (`trainer.ppo.v1.register_trainer`),
-* a CPU platform and CPU FSDP engines, used only when `VERL_PLATFORM=cpu` (see `cpu_platform`),
-* the rollout backend `hf` on transformers `generate`, for CPU runs (`hf_rollout`; vLLM is for production),
+* from the CPU runtime `ssopd_verl.cpu` (a CPU backend for verl, not part of SSOPD): a CPU platform and CPU FSDP
+  engines, used only when `VERL_PLATFORM=cpu`, and the rollout backend `hf` on transformers `generate`,
 * the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` overlay uses for the embedded model and data.
 
 verl logs a failing plugin at DEBUG level only and goes on; `tests/test_registration.py` checks in a fresh
@@ -51,14 +51,14 @@ def select_cpu_platform(argv: list[str]) -> None:
 def register() -> None:
     # The CPU platform first: importing verl's engines (the trainer does) resolves verl's platform for the
     # process, and with VERL_PLATFORM=cpu that resolution must find "cpu" registered.
-    from ssopd_verl.glue import cpu_platform
+    from ssopd_verl.cpu import platform
 
-    cpu_platform.register_cpu_platform()
+    platform.register_cpu_platform()
     from ssopd_verl.glue import estimator
 
     estimator.register()
     import ssopd_verl.glue.trainer  # noqa: F401  (registers the trainer mode on import)
-    from ssopd_verl.glue.hf_rollout import register_hf_rollout
+    from ssopd_verl.cpu.rollout import register_hf_rollout
 
     register_hf_rollout()
     register_tiny_default_resolver()

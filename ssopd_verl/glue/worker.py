@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from verl.plugin.platform import get_platform
+
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.cpu_platform import init_gloo_process_group, is_cpu_platform_active
 from ssopd_verl.glue.actor_loss import SSOPDActorLoss, mark_for_distillation
 
 
@@ -28,10 +29,12 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     def init_model(self):
         block = self.config.get("ssopd", None)
         self.ssopd = SSOPDConfig.from_mapping(OmegaConf.to_container(block, resolve=True) if block is not None else None)
-        if is_cpu_platform_active():
-            # verl would build the backend string "cpu:gloo,cpu:gloo", which torch rejects; it skips its own
-            # initialisation when a group exists (see cpu_platform).
-            init_gloo_process_group()
+        # The CPU runtime's platform (ssopd_verl.cpu) creates the gloo process group itself: verl would build the
+        # backend string "cpu:gloo,cpu:gloo", which torch rejects, and skips its own initialisation when a group
+        # exists. verl's own platforms have no such method; duck-typed so that this glue never imports the runtime.
+        prepare = getattr(get_platform(), "prepare_process_group", None)
+        if prepare is not None:
+            prepare()
         super().init_model()
         if self.actor is not None:
             self.loss_fn = SSOPDActorLoss(

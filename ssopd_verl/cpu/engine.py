@@ -46,7 +46,7 @@ def ensure_cpu_platform() -> None:
         raise RuntimeError(f"VERL_PLATFORM={previous!r}; the CPU engine needs VERL_PLATFORM=cpu (or unset)")
     os.environ["VERL_PLATFORM"] = "cpu"
     try:
-        from ssopd_verl.glue.cpu_platform import is_cpu_platform_active, register_cpu_engines, register_cpu_platform
+        from ssopd_verl.cpu.platform import is_cpu_platform_active, register_cpu_engines, register_cpu_platform
 
         register_cpu_platform(engines=False)  # imports verl: its plugins may resolve the platform (env is set)
         active = is_cpu_platform_active()
@@ -85,7 +85,7 @@ def build_cpu_fsdp2_engine(
     ``engine_config`` values ``TrainingWorker`` would inject into each batch (see :func:`make_train_tensordict`).
     """
     ensure_cpu_platform()
-    from ssopd_verl.glue.cpu_platform import init_gloo_process_group
+    from ssopd_verl.cpu.platform import init_gloo_process_group
 
     init_gloo_process_group()
 

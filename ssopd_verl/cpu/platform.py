@@ -21,7 +21,8 @@ What else blocks verl's FSDP2 engine on CPU, and how it is handled:
   ``TrainingWorker.__init__``) builds the backend string ``f"cpu:gloo,{device}:{backend}"``, i.e.
   ``"cpu:gloo,cpu:gloo"``, which torch rejects ("Duplicate device type cpu"). No verl hook changes that string,
   but verl skips initialisation when a process group already exists: call :func:`init_gloo_process_group` first
-  (``ssopd_verl.glue.cpu_engine`` does; a Ray worker subclass must do it before ``TrainingWorker.__init__``).
+  (``ssopd_verl.cpu.engine`` does; a Ray worker calls :meth:`CPUPlatform.prepare_process_group` before
+  ``TrainingWorker.__init__``).
 * ``get_device_id()`` is used as ``tensor.to(get_device_id())``: :meth:`CPUPlatform.current_device` therefore
   returns the string ``"cpu"`` (as ``torch.cpu.current_device()`` does), never an int (``.to(0)`` means cuda:0).
 * ``get_torch_device()`` returns :data:`cpu_device_module`, ``torch.cpu`` plus the CUDA-style calls verl makes
@@ -29,7 +30,7 @@ What else blocks verl's FSDP2 engine on CPU, and how it is handled:
   set size (current / peak), so ``perf/max_memory_allocated_gb`` is meaningful on CPU.
 * Attention: HF configs default to flash-attention in ``HFModelConfig``; pass
   ``override_config={"attn_implementation": "sdpa"}``. Also use ``use_torch_compile=False`` and fp32 mixed
-  precision (``mixed_precision={"param_dtype": "fp32", ...}``) for exact CPU results (see ``cpu_engine``).
+  precision (``mixed_precision={"param_dtype": "fp32", ...}``) for exact CPU results (see ``ssopd_verl.cpu.engine``).
 * Ray (for a later full trainer run): ``ray_resource_name()`` is "CPU" and ``ray_resource_options(n)`` is
   ``{"num_cpus": n}``. verl's ``RayResourcePool`` then asks one CPU per trainer-rank bundle. verl's
   ``ResourcePoolManager._check_resource_available`` still counts only "GPU"/"NPU" resources: declare logical GPUs
@@ -236,7 +237,7 @@ class _CPUDeviceModule(types.ModuleType):
         return None
 
 
-cpu_device_module = _CPUDeviceModule("ssopd_verl.glue.cpu_platform.cpu_device_module")
+cpu_device_module = _CPUDeviceModule("ssopd_verl.cpu.platform.cpu_device_module")
 cpu_device_module.__doc__ = _CPUDeviceModule.__doc__
 
 
@@ -331,6 +332,13 @@ class _CPUPlatformMethods:
     def cudart(self) -> Any:
         return None
 
+    def prepare_process_group(self) -> bool:
+        """Create the gloo process group before verl's worker does (see :func:`init_gloo_process_group`).
+
+        Not part of verl's ``PlatformBase``: SSOPD's actor worker calls it when the active platform has it, so
+        the worker needs no import of this CPU runtime."""
+        return init_gloo_process_group()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Registration
@@ -386,7 +394,7 @@ def _platform_class() -> type:
 _CPU_PLATFORM_DOC = """verl platform for plain CPU hosts: device "cpu", collectives over gloo, no profiler, no IPC."""
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: `from ssopd_verl.glue.cpu_platform import CPUPlatform` imports verl lazily
+def __getattr__(name: str) -> Any:  # PEP 562: `from ssopd_verl.cpu.platform import CPUPlatform` imports verl lazily
     if name == "CPUPlatform":
         return _platform_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
