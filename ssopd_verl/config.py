@@ -17,11 +17,17 @@ from ssopd_verl.losses import CLIP_MODES
 from ssopd_verl.pairing import FRONTIER_KINDS, TARGET_RULES, WITNESS_SOURCES
 from ssopd_verl.teacher_context import DEFAULT_TEMPLATE, THINKING_MODES
 
+# live: the current policy (adapters on, with LoRA). initial: the policy at step 0, frozen (with LoRA: the base
+# model, adapters disabled inside the actor's own forward; the paper's reported setup, SSOPD_SPEC.md 1b).
+TEACHER_KINDS = ("live", "initial")
+
 
 @dataclass(frozen=True)
 class SSOPDConfig:
     # Weight of the distillation term: loss = GRPO + lambda * sum_g w(p_g) L_g / G. 0 = plain GRPO.
     lam: float = 1.0
+    # Which weights the self-teacher runs with: live (current) | initial (step 0, frozen; needs a LoRA actor).
+    teacher: str = "live"
     # Clip threshold: per vocabulary entry (pointwise) or per token (token). Paper: 0.05 pointwise.
     tau: float = 0.05
     clip: str = "pointwise"
@@ -34,6 +40,9 @@ class SSOPDConfig:
     template: str = DEFAULT_TEMPLATE
     witness_thinking: str = "keep"
     max_witness_tokens: int = 4096
+    # Distil only the first K response tokens of each target (the paper's "first K steps"); None = all of them.
+    # L_g is then the token mean over those K tokens.
+    max_distill_tokens: Optional[int] = None
     # Longest teacher sequence (prompt + witness + target). None: the model's max_position_embeddings.
     max_teacher_length: Optional[int] = None
     # Chat-template kwargs for the teacher prompt. None: the same as the student's
@@ -49,6 +58,7 @@ class SSOPDConfig:
     def __post_init__(self):
         _check(self.lam >= 0, f"ssopd.lambda must be >= 0, got {self.lam}")
         _check(self.tau > 0, f"ssopd.tau must be > 0, got {self.tau}")
+        _choice("teacher", self.teacher, TEACHER_KINDS)
         _choice("clip", self.clip, CLIP_MODES)
         _choice("frontier_weight", self.frontier_weight, FRONTIER_KINDS)
         _choice("witness_source", self.witness_source, WITNESS_SOURCES)
@@ -62,6 +72,10 @@ class SSOPDConfig:
         _check(
             self.max_teacher_length is None or self.max_teacher_length > 0,
             f"ssopd.max_teacher_length must be > 0 or null, got {self.max_teacher_length}",
+        )
+        _check(
+            self.max_distill_tokens is None or self.max_distill_tokens > 0,
+            f"ssopd.max_distill_tokens must be > 0 or null, got {self.max_distill_tokens}",
         )
         _check(self.chunk_size > 0, f"ssopd.chunk_size must be > 0, got {self.chunk_size}")
 

@@ -126,7 +126,7 @@ def test_composed_config_passes_verl_and_ssopd_validation(composed, name):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    from ssopd_verl.glue.trainer import check_config
+    from ssopd_verl.glue.checks import check_config
 
     cfg = OmegaConf.create(composed[name])
     assert need_critic(cfg) is False

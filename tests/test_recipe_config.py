@@ -104,7 +104,7 @@ def test_trainer_refuses_configs_it_cannot_run(override, message):
     """SSOPDTrainer's start-up check, on configs composed in-process by Hydra with the recipe overlay."""
     from hydra import compose, initialize_config_module
 
-    from ssopd_verl.glue.trainer import check_config
+    from ssopd_verl.glue.checks import check_config
 
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         good = compose(config_name="ppo_trainer", overrides=["+recipe=ssopd"])
