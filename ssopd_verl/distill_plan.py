@@ -5,11 +5,16 @@ One function, `plan_distillation`, ties the pure pieces together for a whole bat
 1. correct_i = score_i > threshold, and a completion that hit the maximum response length is wrong;
 2. `pairing.select_pairs` picks, in every frontier group (0 < p < 1), the witness and the target(s);
 3. `teacher_context.build_teacher_context` builds each target's teacher sequence: the student's chat with the
-   witness inserted as a reference solution, then the target's response ids verbatim;
+   witness inserted as a reference solution, then the target's response ids verbatim -- only its first
+   `max_distill_tokens` when that is set, since the loss reads no further (the teacher pass is shorter too);
 4. every row gets a weight `w(p) * share` (0 for rows that are not targets, and for padding rows).
 
-It returns plain lists, one entry per row, and the `ssopd/` metrics of the pairing. Rows flagged as padding
-(verl copies a real row to balance data-parallel ranks) take no part in the groups.
+It returns plain lists, one entry per row, and the `ssopd/` metrics of the pairing. Rows take no part in the
+groups when they are padding (verl copies a real row to balance data-parallel ranks) or when their reward is
+not a finite number (NaN/inf from a broken reward function: never a witness, never a target; counted in
+`ssopd/nonfinite_rewards`). A target whose teacher sequence cannot fit `max_teacher_length` even with an empty
+witness is skipped (weight 0) and counted in `ssopd/targets_skipped`: one over-long completion must not end
+the run after its rollout.
 
 Pure module: no verl import (the trainer does the I/O).
 """
@@ -23,13 +28,20 @@ import numpy as np
 
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.pairing import select_pairs
-from ssopd_verl.teacher_context import build_teacher_context
+from ssopd_verl.teacher_context import (
+    TeacherContextTooLong,
+    build_teacher_context,
+    encode_untrusted_text,
+    strip_thinking,
+    witness_from_response,
+)
 
 
 @dataclass
 class DistillationPlan:
     teacher_ids: list[list[int]]  # per row: teacher prompt + target response ids; [] if not a target
     teacher_prompt_len: list[int]  # per row: where the response starts in teacher_ids; 0 if not a target
+    # (the target tokens in teacher_ids, len(teacher_ids) - teacher_prompt_len, are the distilled positions)
     weight: list[float]  # per row: w(p) * share; 0 if not a target
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -57,7 +69,8 @@ def plan_distillation(
     if not (len(scores) == len(response_ids) == len(prompt_messages) == num_rows):
         raise ValueError("uids, scores, response_ids and prompt_messages must have one entry per row")
     is_padding = [False] * num_rows if is_padding is None else list(is_padding)
-    real = [i for i in range(num_rows) if not is_padding[i]]
+    finite = [bool(np.isfinite(float(s))) for s in scores]
+    real = [i for i in range(num_rows) if not is_padding[i] and finite[i]]
     if cfg.witness_source == "reference_solution" and reference_solutions is None:
         raise ValueError(
             f"ssopd.witness_source=reference_solution needs the dataset's solutions ({cfg.reference_solution_key})"
@@ -78,33 +91,41 @@ def plan_distillation(
     )
 
     plan = DistillationPlan([[] for _ in range(num_rows)], [0] * num_rows, [0.0] * num_rows)
-    witness_lens, target_lens, teacher_lens, truncations = [], [], [], 0
+    witness_lens, target_lens, teacher_lens, distilled, truncations, skipped = [], [], [], [], 0, 0
     template_kwargs = cfg.chat_template_kwargs if cfg.chat_template_kwargs is not None else chat_template_kwargs
     for pair in pairs:
         row = real[pair.target]
         if pair.witness is None:
-            witness_text = reference_solutions[row]
-            if not isinstance(witness_text, str) or not witness_text:
+            text = reference_solutions[row]
+            if not isinstance(text, str) or not text:
                 raise ValueError(f"row {row}: no reference solution under {cfg.reference_solution_key}")
+            if cfg.witness_thinking == "strip":
+                text = strip_thinking(text)
+            witness = encode_untrusted_text(tokenizer, text)
         else:
             witness_row = real[pair.witness]
-            witness_text = tokenizer.decode(list(response_ids[witness_row]), skip_special_tokens=True)
+            witness = witness_from_response(tokenizer, response_ids[witness_row], cfg.witness_thinking)
             witness_lens.append(len(response_ids[witness_row]))
-        context = build_teacher_context(
-            tokenizer,
-            prompt_messages[row],
-            witness_text,
-            list(response_ids[row]),
-            template=cfg.template,
-            witness_thinking=cfg.witness_thinking,
-            max_witness_tokens=cfg.max_witness_tokens,
-            max_length=max_teacher_length,
-            chat_template_kwargs=template_kwargs,
-        )
+        target = list(response_ids[row])[: cfg.max_distill_tokens]  # [:None] = all
+        try:
+            context = build_teacher_context(
+                tokenizer,
+                prompt_messages[row],
+                witness,
+                target,
+                template=cfg.template,
+                max_witness_tokens=cfg.max_witness_tokens,
+                max_length=max_teacher_length,
+                chat_template_kwargs=template_kwargs,
+            )
+        except TeacherContextTooLong:
+            skipped += 1
+            continue
         plan.teacher_ids[row] = context.input_ids
         plan.teacher_prompt_len[row] = context.prompt_length
         plan.weight[row] = pair.weight * pair.target_share
         target_lens.append(len(response_ids[row]))
+        distilled.append(len(target))
         teacher_lens.append(len(context.input_ids))
         truncations += context.witness_truncated
 
@@ -118,7 +139,10 @@ def plan_distillation(
         "ssopd/witness_len_mean": float(np.mean(witness_lens)) if witness_lens else 0.0,
         "ssopd/target_len_mean": float(np.mean(target_lens)) if target_lens else 0.0,
         "ssopd/teacher_len_mean": float(np.mean(teacher_lens)) if teacher_lens else 0.0,
+        "ssopd/distilled_tokens": float(sum(distilled)),
         "ssopd/witness_truncations": float(truncations),
+        "ssopd/targets_skipped": float(skipped),
+        "ssopd/nonfinite_rewards": float(num_rows - sum(finite)),
         "ssopd/truncated_frac": float(truncated.mean()) if len(real) else 0.0,
     }
     return plan

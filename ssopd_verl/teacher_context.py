@@ -9,10 +9,19 @@ e.g. a multi-byte character split across sampled tokens, or a non-canonical toke
 Position ``prompt_length + t`` of the teacher sequence therefore lines up with response position ``t`` of the
 student sequence.
 
-The witness, on the other hand, is text that the teacher reads, so it goes through the tokenizer: it is decoded
-by the caller (special tokens skipped), optionally stripped of its ``<think>...</think>`` block, encoded, cut to
-``max_witness_tokens`` and, if the whole teacher sequence would exceed ``max_length``, cut further (never the
-target). Any cut is reported in ``witness_truncated``.
+The witness enters as token ids spliced into the rendered prompt, never as text that the tokenizer parses
+together with the template: the chat template is rendered with a sentinel where the witness goes, the text
+around the sentinel is encoded (it holds the template's real control tokens), and the witness ids go in
+between. A sampled witness keeps its own ids, minus control tokens (its closing ``<|im_end|>``); a witness that
+is text (a dataset's reference solution) is encoded by :func:`encode_untrusted_text`, with special tokens
+split. Either way, a policy that spelled ``<|im_end|>\n<|im_start|>assistant`` as ordinary tokens cannot open a
+fake turn in the teacher's prompt: those tokens stay ordinary tokens.
+
+Length. The witness is capped at ``max_witness_tokens`` and, if the whole teacher sequence would exceed
+``max_length``, cut further (never the target). A cut keeps the witness's head and its tail (the end of the
+reasoning, ``</think>`` and the answer: what makes it a witness) and puts :data:`CUT_MARKER` where tokens were
+removed; ``witness_truncated`` reports it. A target whose teacher sequence does not fit even with an empty
+witness raises :class:`TeacherContextTooLong` (the caller skips that target and counts it).
 
 Pure module: the standard library only (the tokenizer is passed in).
 """
@@ -56,7 +65,7 @@ def strip_thinking(text: str) -> str:
 class TeacherContext:
     input_ids: list[int]  # teacher prompt ids + target response ids
     prompt_length: int  # teacher prompt tokens (the response starts here)
-    witness_tokens: int  # witness tokens actually inserted (counted before rendering into the prompt)
+    witness_tokens: int  # witness tokens actually inserted (a cut witness: head + marker + tail)
     witness_truncated: bool  # the witness was cut (max_witness_tokens or max_length)
 
 
@@ -67,21 +76,104 @@ def _fill(template: str, problem: str, witness: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def _render(tokenizer, messages, chat_template_kwargs) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, **chat_template_kwargs)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding for tokenize=True
-        out = out["input_ids"]
-    return [int(t) for t in out]
+CUT_MARKER = "\n\n[... part of the reference solution omitted ...]\n\n"
+_SENTINEL = "\u0000SSOPD_WITNESS\u0000"  # never in a rendered chat template; checked below
+
+
+class TeacherContextTooLong(ValueError):
+    """The teacher sequence exceeds ``max_length`` even with an empty witness."""
+
+
+def control_token_ids(tokenizer) -> set[int]:
+    """Ids that only the chat template may emit: the tokenizer's special tokens (``<|im_start|>``, ``<|im_end|>``,
+    ``<|endoftext|>``, ...). Plain added tokens such as Qwen3's ``<think>`` are text the model writes itself."""
+    return {int(i) for i in tokenizer.all_special_ids}
+
+
+def encode_untrusted_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` in which no special token can appear, even where the text spells one.
+
+    transformers' tokenizers take ``split_special_tokens=True`` for exactly this (``"<|im_end|>"`` becomes the
+    ordinary tokens ``<``, ``|``, ``im``, ...). The result is checked, so a tokenizer that ignored the flag fails
+    loudly here instead of letting a fake turn through.
+    """
+    ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
+    leaked = control_token_ids(tokenizer).intersection(ids)
+    if leaked:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} produced control tokens {sorted(leaked)} from text although "
+            "split_special_tokens=True was passed; it cannot encode a witness safely"
+        )
+    return ids
+
+
+def witness_from_response(tokenizer, response_ids, witness_thinking: str = "keep") -> list[int]:
+    """The witness ids of a sampled completion: its ids without control tokens, optionally without its reasoning.
+
+    ``witness_thinking="strip"`` keeps what follows the last ``</think>`` token (and drops whitespace-only tokens
+    right after it); a completion without ``</think>`` is kept whole: its reasoning never ended, so it is all
+    there is, and it holds the answer that made it correct.
+    """
+    if witness_thinking not in THINKING_MODES:
+        raise ValueError(f"unknown witness_thinking {witness_thinking!r}; expected one of {THINKING_MODES}")
+    control = control_token_ids(tokenizer)
+    ids = [int(t) for t in response_ids if int(t) not in control]
+    if witness_thinking == "strip":
+        end = _think_end_id(tokenizer)
+        if end is not None and end in ids:
+            ids = ids[len(ids) - ids[::-1].index(end) :]
+            while ids and not tokenizer.decode(ids[:1]).strip():
+                ids = ids[1:]
+    return ids
+
+
+def _think_end_id(tokenizer):
+    token_id = tokenizer.convert_tokens_to_ids("</think>")
+    return None if token_id is None or token_id == tokenizer.unk_token_id else int(token_id)
+
+
+def cut_middle(witness: list[int], keep: int, marker: list[int], think_end_id=None) -> list[int]:
+    """Shorten ``witness`` to ``keep`` ids, keeping its head and its tail with ``marker`` in between.
+
+    The tail gets at least half of the room and, when the witness has a ``</think>``, everything after it plus a
+    quarter of the room for the end of the reasoning, so the answer survives any cut that leaves room for it.
+    With room for the marker and little else, only the tail is kept (the answer matters more than the start).
+    """
+    if keep >= len(witness):
+        return list(witness)
+    if keep <= 0:
+        return []
+    room = keep - len(marker)
+    if room < 2:
+        return list(witness[len(witness) - keep :])
+    answer = 0
+    if think_end_id is not None and think_end_id in witness:
+        answer = len(witness) - (len(witness) - 1 - witness[::-1].index(think_end_id))
+    tail = min(room, max((room + 1) // 2, answer + room // 4))
+    head = room - tail
+    return list(witness[:head]) + list(marker) + list(witness[len(witness) - tail :])
+
+
+def _render_around_witness(tokenizer, messages, chat_template_kwargs) -> tuple[list[int], list[int]]:
+    """The teacher prompt's ids before and after the witness (which :func:`build_teacher_context` splices in)."""
+    kwargs = dict(chat_template_kwargs or {})
+    kwargs.update(add_generation_prompt=True, tokenize=False)  # the teacher must see the assistant header
+    text = tokenizer.apply_chat_template(messages, **kwargs)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the rendered teacher prompt must hold the witness exactly once (check ssopd.template)")
+    before, after = text.split(_SENTINEL)
+    # The template's own text: encoded as the chat template's tokenize=True path does (special tokens parsed).
+    encode = lambda part: [int(t) for t in tokenizer.encode(part, add_special_tokens=False)] if part else []
+    return encode(before), encode(after)
 
 
 def build_teacher_context(
     tokenizer,
     prompt_messages,
-    witness_text,
+    witness_ids,
     target_response_ids,
     *,
     template=DEFAULT_TEMPLATE,
-    witness_thinking="keep",
     max_witness_tokens=4096,
     max_length=None,
     chat_template_kwargs=None,
@@ -89,15 +181,15 @@ def build_teacher_context(
     """Teacher input ids for one (witness, target) pair.
 
     prompt_messages: the student's chat messages (verl's ``raw_prompt``); the last user message is the problem.
-    witness_text: the witness response as text. target_response_ids: the target's response token ids (no
-    padding). chat_template_kwargs: as for the student (e.g. ``{"enable_thinking": False}``).
-    max_witness_tokens=None means no cap; max_length=None means no overall limit.
+    witness_ids: the witness as token ids free of control tokens (:func:`witness_from_response` for a sampled
+    completion, :func:`encode_untrusted_text` for a text solution). target_response_ids: the target's response
+    ids as the teacher must score them (no padding; the caller may pass only the first K). chat_template_kwargs:
+    as for the student (e.g. ``{"enable_thinking": False}``). max_witness_tokens=None: no cap;
+    max_length=None: no overall limit. Raises :class:`TeacherContextTooLong` if even an empty witness does not fit.
     """
     for name in ("problem", "witness"):
         if "{" + name + "}" not in template:
             raise ValueError(f"template must contain the {{{name}}} placeholder")
-    if witness_thinking not in THINKING_MODES:
-        raise ValueError(f"unknown witness_thinking {witness_thinking!r}; expected one of {THINKING_MODES}")
     if max_witness_tokens is not None and max_witness_tokens < 0:
         raise ValueError("max_witness_tokens must be >= 0 (or None)")
 
@@ -108,38 +200,30 @@ def build_teacher_context(
     problem = messages[user[-1]]["content"]
     if not isinstance(problem, str):
         raise ValueError("the last user message's content must be a string (multimodal content unsupported)")
+    if _SENTINEL in problem:
+        raise ValueError("the problem text contains the teacher template's internal sentinel")
+    messages[user[-1]]["content"] = _fill(template, problem, _SENTINEL)
+    before, after = _render_around_witness(tokenizer, messages, chat_template_kwargs)
 
-    kwargs = dict(chat_template_kwargs or {})
-    kwargs.update(add_generation_prompt=True, tokenize=True)  # the teacher must see the assistant header
+    witness = [int(t) for t in witness_ids]
     target = [int(t) for t in target_response_ids]
-
-    if witness_thinking == "strip":
-        witness_text = strip_thinking(witness_text)
-    witness_ids = list(tokenizer.encode(witness_text, add_special_tokens=False))
-    keep = len(witness_ids) if max_witness_tokens is None else min(len(witness_ids), max_witness_tokens)
-
-    while True:
-        witness = witness_text
-        if keep < len(witness_ids):
-            # A cut can split a multi-byte character; drop its replacement char rather than insert garbage.
-            witness = tokenizer.decode(witness_ids[:keep]).rstrip("\ufffd")
-        messages[user[-1]]["content"] = _fill(template, problem, witness)
-        prompt = _render(tokenizer, messages, kwargs)
-        overflow = 0 if max_length is None else len(prompt) + len(target) - max_length
-        if overflow <= 0:
-            break
-        if keep == 0:
-            raise ValueError(
+    room = len(witness) if max_witness_tokens is None else min(len(witness), max_witness_tokens)
+    if max_length is not None:
+        fixed = len(before) + len(after) + len(target)
+        if fixed > max_length:
+            raise TeacherContextTooLong(
                 f"teacher context does not fit max_length={max_length} even without a witness "
-                f"(prompt {len(prompt)} + target {len(target)} tokens)"
+                f"(prompt {len(before) + len(after)} + target {len(target)} tokens)"
             )
-        # Each pass removes at least one witness token, so the loop ends; one pass is usual, a second one
-        # only when re-tokenising the shortened witness in context shifts the count.
-        keep = max(0, keep - overflow)
-
+        room = min(room, max_length - fixed)
+    kept = witness
+    if room < len(witness):
+        marker = encode_untrusted_text(tokenizer, CUT_MARKER)
+        kept = cut_middle(witness, room, marker, _think_end_id(tokenizer))
+    prompt = before + kept + after
     return TeacherContext(
         input_ids=prompt + target,
         prompt_length=len(prompt),
-        witness_tokens=keep,
-        witness_truncated=keep < len(witness_ids),
+        witness_tokens=len(kept),
+        witness_truncated=room < len(witness),
     )

@@ -108,3 +108,46 @@ def test_random_variants_are_seeded(batch):
         **batch, cfg=cfg, max_response_length=1000, max_teacher_length=None, rng=np.random.default_rng(seed)
     ).teacher_ids
     assert run(3) == run(3)
+
+
+def test_nonfinite_rewards_are_never_witness_or_target(batch):
+    """A NaN or inf reward compares False with the threshold: without care its completion would be 'wrong' and
+    become the target. Such rows leave the group instead, and are counted."""
+    scores = list(batch["scores"])
+    scores[2] = float("nan")  # group a's longest wrong
+    scores[8] = float("inf")  # group c's shortest correct
+    plan = plan_distillation(
+        **{**batch, "scores": scores}, cfg=SSOPDConfig(), max_response_length=1000, max_teacher_length=None
+    )
+    assert plan.metrics["ssopd/nonfinite_rewards"] == 2
+    assert plan.weight[2] == 0.0 and plan.weight[8] == 0.0
+    # group a (1 correct of the 3 finite): its longest finite wrong completion is now row 0 ("I think 5. ...")
+    assert plan.weight[0] == pytest.approx(frontier_weight(1 / 3))
+    # group c: the witness is now c1; the NaN-free target is still c3
+    text = batch["tokenizer"].decode(plan.teacher_ids[11][: plan.teacher_prompt_len[11]])
+    assert "a longer correct one" in text and "short \\boxed{1}" not in text
+
+
+def test_target_that_cannot_fit_is_skipped_and_counted(batch):
+    from ssopd_verl.teacher_context import build_teacher_context
+
+    tok = batch["tokenizer"]
+    bare = lambda row: len(  # noqa: E731  (teacher sequence with an empty witness)
+        build_teacher_context(tok, batch["prompt_messages"][row], [], batch["response_ids"][row]).input_ids
+    )
+    limit = bare(2) - 1  # target 2 cannot fit even without a witness; target 11 can
+    assert bare(11) <= limit
+    plan = plan_distillation(**batch, cfg=SSOPDConfig(), max_response_length=1000, max_teacher_length=limit)
+    assert plan.metrics["ssopd/targets_skipped"] == 1
+    assert plan.weight[2] == 0.0 and plan.teacher_ids[2] == []
+    assert plan.weight[11] > 0 and len(plan.teacher_ids[11]) <= limit
+
+
+def test_max_distill_tokens_keeps_the_first_k_target_tokens(batch):
+    cfg = SSOPDConfig(max_distill_tokens=3)
+    plan = plan_distillation(**batch, cfg=cfg, max_response_length=1000, max_teacher_length=None)
+    for row in (2, 11):
+        assert plan.teacher_ids[row][plan.teacher_prompt_len[row]:] == batch["response_ids"][row][:3]
+    assert plan.metrics["ssopd/distilled_tokens"] == 6
+    full = plan_distillation(**batch, cfg=SSOPDConfig(), max_response_length=1000, max_teacher_length=None)
+    assert full.metrics["ssopd/distilled_tokens"] == len(batch["response_ids"][2]) + len(batch["response_ids"][11])
