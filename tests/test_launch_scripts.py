@@ -39,6 +39,7 @@ def composed(tmp_path_factory):
         env.pop(key, None)  # the defaults are under test
     env.pop("VERL_PLATFORM", None)  # conftest selects the CPU platform for in-process tests; these target GPUs
     procs = {name: _launch(name, cwd, {**env, "DRY_RUN": "1"}) for name in SCRIPTS}
+    procs["full"] = _launch("qwen3_8b_ssopd", cwd, {**env, "DRY_RUN": "1", "SETUP": "full"})
     procs["passthrough"] = _launch(
         "qwen3_4b_ssopd", cwd, {**env, "MODEL_PATH": "/models/mine", "NNODES": "4"},
         "--dry-run", "ssopd.tau=0.1", "trainer.total_training_steps=7",
@@ -76,7 +77,12 @@ def test_script_composes_with_the_expected_values(composed, name):
     assert cfg["data"]["train_files"] == [f"{DATA_DIR}/openthoughts_math/train.parquet"]
     assert cfg["data"]["val_files"] == [f"{DATA_DIR}/eval/{b}.parquet" for b in ("aime24", "aime25", "hmmt25_feb")]
     assert arr["actor"]["strategy"] == "fsdp2" and arr["actor"]["use_dynamic_bsz"] is True
-    assert arr["actor"]["optim"]["lr"] == 1e-6
+    # the reported setup (SSOPD_SPEC.md 1b) is the default: LoRA as the OPSD reference code, frozen initial teacher
+    assert arr["actor"]["optim"]["lr"] == 2e-5
+    assert (arr["model"]["lora_rank"], arr["model"]["lora_alpha"]) == (64, 128)
+    assert arr["model"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert arr["model"]["lora"]["merge"] is True  # vLLM receives merged weights
+    assert arr["rollout"]["val_kwargs"]["top_p"] == 0.95
     assert cfg["reward"]["custom_reward_function"] == {
         "path": "pkg://ssopd_verl.evaluation.grading",
         "name": "compute_score",
@@ -91,11 +97,26 @@ def test_script_composes_with_the_expected_values(composed, name):
     ssopd = cfg["ssopd"]
     expected = {
         "grpo": {"lambda": 0, "witness_source": "shortest_correct"},
-        "opsd": {"lambda": 1.0, "witness_source": "reference_solution"},
-        "ssopd": {"lambda": 1.0, "witness_source": "shortest_correct"},
+        "opsd": {"lambda": 0.5, "witness_source": "reference_solution"},
+        "ssopd": {"lambda": 0.5, "witness_source": "shortest_correct"},
     }[method]
     assert {k: ssopd[k] for k in expected} == expected
+    assert ssopd["teacher"] == "initial" and ssopd["max_distill_tokens"] == 2048
     assert ssopd["clip"] == "pointwise" and ssopd["tau"] == 0.05
+
+
+def test_full_fine_tuning_setup_is_the_live_teacher_over_every_token(composed):
+    cfg, reported = composed["full"], composed["qwen3_8b_ssopd"]
+    arr = cfg["actor_rollout_ref"]
+    assert arr["model"]["lora_rank"] == 0 and arr["actor"]["optim"]["lr"] == 1e-6
+    assert arr["rollout"]["val_kwargs"]["top_p"] == 1.0
+    assert cfg["ssopd"]["teacher"] == "live" and cfg["ssopd"]["max_distill_tokens"] is None
+    assert cfg["ssopd"]["lambda"] == 1.0
+    # everything else is the reported setup's
+    differing = {k for k in set(_flatten(cfg)) | set(_flatten(reported)) if _flatten(cfg).get(k) != _flatten(reported).get(k)}
+    assert all(k.startswith(("ssopd.", "actor_rollout_ref.model.lora", "actor_rollout_ref.model.target_modules",
+                             "actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.rollout.val_kwargs.top_p"))
+               for k in differing), differing
 
 
 def test_sizes_get_their_parallelism_and_nodes(composed):
@@ -121,7 +142,7 @@ def test_methods_differ_only_in_the_ssopd_lines(composed, size):
         assert all(k.startswith("ssopd.") or k == "trainer.experiment_name" for k in differing), differing
 
 
-@pytest.mark.parametrize("name", ["qwen3_1.7b_ssopd", "qwen3_8b_opsd"])
+@pytest.mark.parametrize("name", ["qwen3_1.7b_ssopd", "qwen3_8b_opsd", "full"])
 def test_composed_config_passes_verl_and_ssopd_validation(composed, name):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config

@@ -19,6 +19,15 @@
 #   PPO_MINI_BATCH_SIZE [32] TOTAL_STEPS [300] SAVE_FREQ [50] TEST_FREQ [25] VAL_N [4]
 #   ROLLOUT_TP, GPU_MEMORY_UTILIZATION, PPO_MAX_TOKEN_LEN, OFFLOAD  [per size, see below]
 #   PYTHON            interpreter                             [python3]
+#   SETUP             reported | full                         [reported]
+#                     reported: the paper's training setup as a secondary summary reports it (SSOPD_SPEC.md 1b):
+#                       LoRA r=64, alpha=128 on q/k/v/o/gate/up/down (as the OPSD reference code), LR 2e-5,
+#                       ssopd.teacher=initial (base model, adapters off), ssopd.lambda=0.5,
+#                       ssopd.max_distill_tokens=2048, validation top-p 0.95.
+#                     full: full fine-tuning with the live self-teacher over every target token, lambda 1 (the
+#                       recipe's defaults), LR 1e-6, validation top-p 1.0.
+#                     Both apply to all three methods alike, so that GRPO, OPSD and SSOPD differ only in METHOD_ARGS.
+#   LORA_RANK [64] LORA_ALPHA [128] DISTILL_TOKENS [2048]    (SETUP=reported only)
 #   DRY_RUN=1 (or --dry-run as the first argument): append `--cfg job`: verl composes and prints the config, and
 #                     nothing runs (no GPU, model or data needed).
 #
@@ -68,7 +77,13 @@ TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}        # prompts per step
 ROLLOUT_N=${ROLLOUT_N:-8}                        # completions per prompt (the group)
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
 MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-16384}
-LR=${LR:-1e-6}
+SETUP=${SETUP:-reported}
+case "$SETUP" in
+    reported) setup_lr=2e-5 setup_val_top_p=0.95 ;;
+    full)     setup_lr=1e-6 setup_val_top_p=1.0 ;;
+    *) echo "unknown SETUP=$SETUP (reported | full)" >&2; exit 2 ;;
+esac
+LR=${LR:-$setup_lr}
 PPO_MINI_BATCH_SIZE=${PPO_MINI_BATCH_SIZE:-32}  # prompts per optimizer step: 128 / 32 = 4 updates per step
 TOTAL_STEPS=${TOTAL_STEPS:-300}
 SAVE_FREQ=${SAVE_FREQ:-50}
@@ -117,7 +132,7 @@ base_args=(
     actor_rollout_ref.rollout.gpu_memory_utilization="$GPU_MEMORY_UTILIZATION"
     actor_rollout_ref.rollout.val_kwargs.n="$VAL_N"
     actor_rollout_ref.rollout.val_kwargs.temperature=1.0
-    actor_rollout_ref.rollout.val_kwargs.top_p=1.0
+    actor_rollout_ref.rollout.val_kwargs.top_p="$setup_val_top_p"
     actor_rollout_ref.rollout.val_kwargs.do_sample=True
     # trainer
     trainer.project_name="$PROJECT_NAME"
@@ -135,7 +150,23 @@ base_args=(
     ++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_ROOT="$LOG_DIR"
 )
 
-cmd=("$PYTHON" -m verl.trainer.main_ppo "${base_args[@]}" "${METHOD_ARGS[@]}" "$@")
+# The reported setup [reported, SSOPD_SPEC.md 1b; LoRA shape and LR from the OPSD reference code; K our choice,
+# OPSD's 2048-token completion length]. vLLM receives the adapters merged into the base weights each step
+# (verl's lora.merge); the teacher runs the base model inside the actor's forward (adapters disabled).
+setup_args=()
+if [[ "$SETUP" == "reported" ]]; then
+    setup_args=(
+        actor_rollout_ref.model.lora_rank="${LORA_RANK:-64}"
+        actor_rollout_ref.model.lora_alpha="${LORA_ALPHA:-128}"
+        actor_rollout_ref.model.target_modules="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+        actor_rollout_ref.model.lora.merge=True
+        ssopd.teacher=initial
+        ssopd.lambda=0.5
+        ssopd.max_distill_tokens="${DISTILL_TOKENS:-2048}"
+    )
+fi
+
+cmd=("$PYTHON" -m verl.trainer.main_ppo "${base_args[@]}" "${setup_args[@]}" "${METHOD_ARGS[@]}" "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     cmd+=(--cfg job)
 else

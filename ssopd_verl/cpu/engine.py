@@ -76,11 +76,15 @@ def build_cpu_fsdp2_engine(
     lr: float = 1e-3,
     dtype: str = "fp32",
     seed: int = 0,
+    lora_rank: int = 0,
+    lora_alpha: int = 16,
+    target_modules: Union[str, Sequence[str]] = "all-linear",
 ):
     """Build and ``initialize()`` verl's FSDP2 ``FSDPEngineWithLMHead`` for ``model_path`` on CPU (world size 1).
 
     ``dtype`` is the FSDP2 mixed-precision parameter/compute dtype: "fp32" (default; mixed precision off, results
-    exact) or "bf16" (verl's GPU default; reductions stay fp32). Master weights are fp32 either way. Optimizer:
+    exact) or "bf16" (verl's GPU default; reductions stay fp32). Master weights are fp32 either way.
+    ``lora_rank > 0`` gives a LoRA actor (verl's PEFT path: only adapter weights train). Optimizer:
     verl's AdamW (weight decay 0.01, clip_grad 1.0, constant LR ``lr``). The returned engine carries the same
     ``engine_config`` values ``TrainingWorker`` would inject into each batch (see :func:`make_train_tensordict`).
     """
@@ -107,6 +111,9 @@ def build_cpu_fsdp2_engine(
         enable_gradient_checkpointing=gradient_checkpointing,
         use_fused_kernels=False,
         trust_remote_code=False,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
     )
     model_config.model_type = "language_model"  # TrainingWorker copies config.model_type here
 

@@ -9,9 +9,16 @@ response positions, not its logits: the vocabulary projection happens chunk by c
 The inputs go through the engine's own `prepare_model_inputs`, so the teacher sees exactly the layout the
 student saw (packed with remove-padding, or padded), and through the engine's module, so FSDP2 gathers and
 reshards parameters as in any forward.
+
+Which weights (`ssopd.teacher`): `live` runs the module as it is (with a LoRA actor: adapters on, i.e. the
+adapter-merged policy). `initial` runs it inside the engine's `disable_adapter()` (verl's own context, the one its
+reference pass uses for a LoRA actor): the base model, i.e. the policy at step 0, frozen, at no memory cost. It
+needs a LoRA actor; with full fine-tuning the step-0 weights no longer exist in the actor (start-up refuses it).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from tensordict import TensorDict
@@ -41,6 +48,12 @@ def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
     collective, which is why every rank runs one teacher forward per micro-batch (see `TeacherForward`).
     """
     head = module.get_output_embeddings()
+    if hasattr(head, "base_layer"):
+        # A LoRA adapter on the output layer: its weight alone is not the projection the student used.
+        raise NotImplementedError(
+            "SSOPD projects the teacher with the lm_head weight: exclude lm_head from the LoRA target modules "
+            "(actor_rollout_ref.model.target_modules; verl's default all-linear excludes it)"
+        )
     with torch.no_grad():
         weight = head.weight
         if isinstance(weight, DTensor):
@@ -51,8 +64,14 @@ def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
 class TeacherForward:
     """Runs the teacher over a list of sequences with the engine's module and returns per-position states."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, adapters: bool = True):
         self.engine = engine
+        self.adapters = adapters  # False: run the base model (ssopd.teacher=initial with a LoRA actor)
+        if not adapters and not hasattr(engine.module, "disable_adapter"):
+            raise ValueError(
+                "ssopd.teacher=initial needs a LoRA actor (actor_rollout_ref.model.lora_rank > 0): the frozen "
+                "initial teacher is the base model with the adapters disabled"
+            )
 
     def hidden_states(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (post-norm) hidden states of every token of `sequences`, packed: returns (states, starts).
@@ -90,7 +109,8 @@ class TeacherForward:
         # module so that FSDP2 gathers the root-owned parameters (embeddings, norm) as in any forward.
         handle = self.engine.module.get_decoder().register_forward_hook(keep_last_hidden_state)
         try:
-            with torch.no_grad():
+            weights = contextlib.nullcontext() if self.adapters else self.engine.disable_adapter()
+            with torch.no_grad(), weights:
                 # logits_to_keep=1: the teacher's logits are projected chunkwise by the loss, never here.
                 self.engine.module(**model_inputs, use_cache=False, logits_to_keep=1)
         finally:
