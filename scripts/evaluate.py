@@ -2,7 +2,7 @@
 """Evaluate a model the paper's way: Avg@k, pass@k, maj@k (bootstrap CIs) on AIME24 / AIME25 / HMMT25 Feb.
 
 Defaults are the paper's evaluation settings (as in OPSD): thinking on, n = 12 samples per problem, temperature 1.0,
-top-p 0.95 (reported, SSOPD_SPEC.md 1b), up to 38,912 new tokens, the last \\boxed{} graded with math-verify.
+top-p 1.0 (pass --top-p 0.95 for the reported setup, SSOPD_SPEC.md 1b), up to 38,912 new tokens, the last \\boxed{} graded with math-verify.
 
   # GPU (vLLM), a Hugging Face model or a verl checkpoint (merged to HF automatically):
   python scripts/evaluate.py --model Qwen/Qwen3-8B --out evals/qwen3_8b_base
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--n", type=int, default=12, help="samples per problem (paper: 12)")
     p.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
-    p.add_argument("--top-p", type=float, default=0.95, help="0.95, as reported for the paper (SSOPD_SPEC.md 1b); 1.0 = no truncation")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = no truncation; the reported setup (SSOPD_SPEC.md 1b) uses 0.95")
     p.add_argument("--top-k", type=int, default=-1, help="-1 = off")
     p.add_argument("--max-new-tokens", type=int, default=38912, help="paper: 38,912")
     p.add_argument("--no-thinking", action="store_true", help="chat template with enable_thinking=False")

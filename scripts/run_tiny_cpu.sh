@@ -3,13 +3,27 @@
 #
 #   python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default [overrides]
 #
-# Installs into .venv first if needed; builds the tiny default on first use (~1 minute, cached in
-# ~/.cache/ssopd_verl); logs to the console and to ssopd-tiny/<experiment>.jsonl (verl's `file` logger);
-# checkpoints to checkpoints/ssopd-tiny/<experiment>. Extra arguments are Hydra overrides, e.g.
-# `trainer.total_training_steps=10` or `ssopd.lambda=0` (plain GRPO through the same path).
+# Installs into .venv first if needed; builds the tiny default on first use (cached in ~/.cache/ssopd_verl);
+# metrics go to ssopd-tiny/<experiment>.jsonl (verl's `file` logger), checkpoints to
+# checkpoints/ssopd-tiny/<experiment>. The console shows one line per step (ssopd_verl.console); verl's full
+# output (config dump, Ray and engine logs) goes to ssopd-tiny/main_job.log, and its end is shown if the job fails.
+# Extra arguments are Hydra overrides, e.g. `trainer.total_training_steps=10` or `ssopd.lambda=0` (plain GRPO).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 [ -x .venv/bin/python ] && .venv/bin/python -c "import ssopd_verl, verl" 2>/dev/null || bash scripts/install.sh
-.venv/bin/python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default "$@"
-echo "ssopd: main job finished in $(( $(date +%s) - start )) s (metrics: ssopd-tiny/*.jsonl, checkpoints: checkpoints/ssopd-tiny/)"
+mkdir -p ssopd-tiny
+log=ssopd-tiny/main_job.log
+echo "ssopd: main job on CPU; verl's full log: $log"
+set +e
+# Our lines come from the TaskRunner (a Ray actor): Ray prefixes them with "(TaskRunner pid=...)".
+PYTHONUNBUFFERED=1 .venv/bin/python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default "$@" 2>&1 \
+    | tee "$log" | grep --line-buffered -E '^(\([A-Za-z]+ pid=[0-9]+\) )?ssopd' | sed -u -E 's/^\([A-Za-z]+ pid=[0-9]+\) //'
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+    echo "ssopd: the job failed (exit $status); the end of $log:"
+    tail -n 60 "$log"
+    exit "$status"
+fi
+echo "ssopd: main job finished in $(( $(date +%s) - start )) s (metrics: ssopd-tiny/*.jsonl, full log: $log, checkpoints: checkpoints/ssopd-tiny/)"

@@ -5,7 +5,8 @@ Pure torch (no verl import), so it can be tested and reused on its own.
 Math
 ----
 At a response position ``t`` with student logits ``s`` and teacher logits ``u`` (both divided by the
-same temperature ``T``: ``z = s / T``), let ``p_S = softmax(z)``, ``p_T = softmax(u / T)`` and
+same temperature ``T``, which may differ from position to position: ``z = s / T``), let ``p_S = softmax(z)``,
+``p_T = softmax(u / T)`` and
 
     d[v] = p_T[v] * (log p_T[v] - log p_S[v])          (forward-KL terms over the whole vocabulary)
 
@@ -23,24 +24,60 @@ p_T[v] * (p_S[j] - delta_vj), hence, with the "not clipped" mask m[v] = 1[d[v] <
     token:      dl/dz_j = 1[sum_v d[v] <= tau] * (p_S[j] - p_T[j])
     none:       dl/dz_j = p_S[j] - p_T[j]
 
-and dl/ds = dl/dz / T when the student logits were scaled here. In pointwise mode a clipped entry
-(m[j] = 0) loses its "-p_T[j]" pull but keeps the "+p_S[j] * ..." push, i.e. the gradient on a clipped
-logit can point the wrong way (Huang et al. 2026); that is why the mode is switchable. At a tie
+All three are ``p_S[j] * sum_v w[v] - w[j]`` with the teacher weights ``w = p_T * m`` (``m`` = per-entry
+mask, per-row flag, or 1). dl/ds = dl/dz / T when the student logits were scaled here. In pointwise mode a
+clipped entry (m[j] = 0) loses its "-p_T[j]" pull but keeps the "+p_S[j] * ..." push, i.e. the gradient on a
+clipped logit can point the wrong way (Huang et al. 2026); that is why the mode is switchable. At a tie
 ``d == tau`` the entry counts as not clipped, matching ``torch.clamp``'s subgradient.
 
-Why chunking
-------------
-A plain implementation materialises several (N, V) float32 tensors (teacher logits, both
-log-probabilities, d, and everything autograd saves): with V ~ 152k and N = 2048 that is ~1.2 GB per
-tensor. :func:`chunked_clipped_forward_kl` instead takes the teacher's *final hidden states* and the
-lm_head weight and builds teacher logits ``chunk_size`` rows at a time, in forward and again in backward
-(recomputation instead of storage). Autograd keeps only the inputs; the only (N, V) tensor it creates
-is the student-logit gradient, which the caller's backward needs anyway.
+How much clipping happens is reported as the *clipped mass*, the share of the teacher's probability that sits
+in clipped entries: pointwise ``sum_v p_T[v] * 1[d[v] > tau]``; token ``1[sum_v d[v] > tau]``; none 0. (The
+share of vocabulary *entries* clipped, an earlier metric, reads ~0 for any 152k vocabulary and says nothing.)
+
+A position whose teacher logits hold a NaN or +inf (or no finite entry at all) has no teacher distribution:
+its loss is 0, its gradient is 0, and it is flagged (``teacher_nonfinite``) rather than poisoning the batch.
+
+Top-k approximation (``topk=k``, off by default)
+------------------------------------------------
+Keep the teacher's k most likely entries ``K`` and lump the rest into one tail bucket, for both sides:
+``P_T = (p_T[K], 1 - sum p_T[K])``, ``P_S = (p_S[K], 1 - sum p_S[K])`` (tail masses summed over the tail
+entries, not as 1 - sum), and apply the same per-entry formula and clip to these k + 1 entries. Unclipped, this
+is the exact forward KL between the two distributions *coarsened* to the partition {each of K, the rest}: by
+the data-processing inequality it never exceeds the full KL, and it equals it when the student is proportional
+to the teacher on the tail. It ignores how the mass is spread *within* the tail (the student is only asked to
+put the right total mass there), so it approximates well when both sides have little mass outside K, and it
+misses any disagreement inside the tail. With pointwise clipping the tail bucket is one entry: lumping ~V small
+terms, each far below tau in the exact loss, it is often above tau and then clipped as a whole, so pointwise
+top-k can differ from exact pointwise far more than the unclipped KLs do (docs/performance.md measures both).
+Gradient, with w = P_T * m over the k + 1 entries, W = sum w and a = w_tail / P_S[tail]:
+
+    dl/dz_j = p_S[j] * W - w_j                      for j in K
+    dl/dz_j = p_S[j] * (W - a)                      for j in the tail
+
+(``k = V`` is the exact loss; SDPO distils top-100 entries plus a tail bucket.)
+
+How it is computed (chunked_clipped_forward_kl)
+-----------------------------------------------
+A plain implementation materialises several (N, V) float32 tensors (teacher logits, both log-probabilities,
+d, and everything autograd saves): with V ~ 152k and N = 2048 that is ~1.2 GB per tensor.
+:func:`chunked_clipped_forward_kl` takes the teacher's *final hidden states* and the lm_head weight and builds
+teacher logits ``chunk_size`` rows at a time. Because the loss is a sum over rows with a closed-form gradient,
+the gradient w.r.t. the student logits is computed in the same pass (as Liger's chunked distillation losses
+do) and written into one preallocated (M, V) tensor in the student's dtype; backward only multiplies each row
+by its upstream gradient, in place (so it runs once per forward call). No teacher logit is ever recomputed and
+autograd saves nothing of size (N, V). Besides that gradient, the pass holds a fixed set of (chunk_size, V)
+work buffers (about 2.25 float32 ones; 3.25 when the student is bf16 or only some of its rows are distilled).
+
+Teacher logits are projected exactly as the student's are (``hidden @ W.T + b`` in the inputs' own dtype, so
+bf16 stays bf16 for the matmul), *then* upcast to float32 (float64 if an input is) for the softmax/KL math;
+the temperature divides the upcast logits, never the hidden states. With the same hidden states on both sides
+the KL is then ~0 instead of the ~2e-3 that a float32 teacher against a bf16 student shows.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,15 +85,25 @@ from torch.autograd.function import once_differentiable
 
 CLIP_MODES = ("pointwise", "token", "none")
 
+# Vocabulary rows of the lm_head weight cast at once when its dtype differs from the projection dtype
+# (e.g. a bf16 weight against float32 hidden states): bounds the cast copy to ~2**24 elements instead of
+# a full (V, H) copy of the weight.
+_WEIGHT_CAST_ELEMENTS = 2**24
 
-def _validate(tau: float, clip: str, temperature: float) -> None:
+Temperature = Union[float, torch.Tensor]
+
+
+def _validate(tau: float, clip: str, temperature: Temperature) -> None:
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     # `not (x > 0)` also rejects NaN.
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() and not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
+            raise ValueError("temperature must be finite and > 0 on every row")
+    elif not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -90,12 +137,13 @@ def clipped_forward_kl(
     teacher_logits: torch.Tensor,
     tau: float = 0.05,
     clip: str = "pointwise",
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """Reference per-position clipped forward KL (materialises every (..., V) intermediate).
 
-    Returns a tensor of shape ``logits.shape[:-1]`` in float32 (float64 if an input is float64),
-    differentiable w.r.t. ``student_logits`` only: the teacher is detached.
+    ``temperature`` is a float or a tensor of shape ``logits.shape[:-1]`` (one per position); both sides are
+    divided by it. Returns a tensor of shape ``logits.shape[:-1]`` in float32 (float64 if an input is
+    float64), differentiable w.r.t. ``student_logits`` only: the teacher is detached.
     """
     _validate(tau, clip, temperature)
     if student_logits.shape != teacher_logits.shape:
@@ -104,6 +152,8 @@ def clipped_forward_kl(
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     dtype = _compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(device=student_logits.device, dtype=dtype).unsqueeze(-1)
     logp_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     logp_t = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     _, d = _kl_terms(logp_t, logp_s)
@@ -111,83 +161,284 @@ def clipped_forward_kl(
 
 
 class ForwardKLTerms(NamedTuple):
-    loss: torch.Tensor  # (N,) per-position clipped loss, differentiable w.r.t. student_logits
-    kl: torch.Tensor  # (N,) unclipped sum_v d (detached)
-    clip_fraction: torch.Tensor  # (N,) see chunked_clipped_forward_kl (detached)
+    """Per teacher row (N,) outputs of :func:`chunked_clipped_forward_kl`.
+
+    Float fields are float32 (float64 if an input is float64); all but ``loss`` are detached. Rows flagged
+    in ``teacher_nonfinite`` read 0 in every float field (and get a zero gradient): mask them out of means.
+    """
+
+    loss: torch.Tensor  # clipped loss l (see module docstring); the only field with a gradient
+    kl: torch.Tensor  # unclipped forward KL sum_v d[v] (over the k + 1 entries with topk)
+    clipped_mass: torch.Tensor  # teacher probability in clipped entries (pointwise) / 1.0 if clipped (token) / 0
+    teacher_nonfinite: torch.Tensor  # bool: the teacher logits had a NaN or +inf, or no finite entry
+    # Only with sampled_ids (else None), at the loss temperature:
+    teacher_logp_sampled: Optional[torch.Tensor] = None  # log p_T[sampled token]
+    student_logp_sampled: Optional[torch.Tensor] = None  # log p_S[sampled token]
+    teacher_argmax_differs: Optional[torch.Tensor] = None  # 1.0 where argmax_v p_T != sampled token, else 0.0
 
 
-def _chunk_logprobs(student, hidden, weight, bias, lo, hi, temperature, prescaled, dtype, rows=None):
-    """(log p_S, log p_T) for rows lo:hi, both (hi - lo, V) in `dtype`; teacher logits built here.
+class _PrecomputedGradient(torch.autograd.Function):
+    """Attaches a gradient computed in the forward pass to the per-row loss.
 
-    `rows` (optional) maps teacher row i to student row rows[i]: only the chunk's student rows are gathered."""
-    z = (student[lo:hi] if rows is None else student[rows[lo:hi]]).to(dtype)
-    if not prescaled:
-        z = z / temperature
-    u = hidden[lo:hi].to(dtype) @ weight.T
-    if bias is not None:
-        u = u + bias
-    u = u / temperature
-    return F.log_softmax(z, dim=-1), F.log_softmax(u, dim=-1)
-
-
-class _ChunkedClippedFKL(torch.autograd.Function):
-    """Streams over row chunks; saves only its inputs and recomputes teacher probabilities in backward."""
+    backward scales row ``rows[i]`` of the stored (M, V) gradient by ``grad_loss[i]`` *in place* and hands
+    the buffer on (a leaf's ``.grad`` takes it without a copy), so it can run only once per forward.
+    """
 
     @staticmethod
-    def forward(ctx, student, hidden, weight, bias, rows, tau, clip, temperature, prescaled, chunk_size):
-        dtype = _compute_dtype(student.dtype, hidden.dtype, weight.dtype, *(() if bias is None else (bias.dtype,)))
-        # One cast of the (V, H) weight per call (a no-op when it already has `dtype`): casting per
-        # chunk would repeat it N / chunk_size times. (V, H) is independent of N.
-        w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-        n = hidden.shape[0]
-        loss = torch.empty(n, dtype=dtype, device=student.device)
-        kl = torch.empty_like(loss)
-        clip_fraction = torch.empty_like(loss)
-        for lo in range(0, n, chunk_size):
-            hi = min(lo + chunk_size, n)
-            logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype, rows)
-            _, d = _kl_terms(logp_t, logp_s)
-            kl[lo:hi] = d.sum(-1)
-            loss[lo:hi] = _clip_loss(d, tau, clip)
-            if clip == "pointwise":
-                clip_fraction[lo:hi] = (d > tau).to(dtype).mean(-1)
-            elif clip == "token":
-                clip_fraction[lo:hi] = (kl[lo:hi] > tau).to(dtype)
-            else:
-                clip_fraction[lo:hi] = 0
-        ctx.save_for_backward(student, hidden, weight, bias, rows)
-        ctx.opts = (tau, clip, temperature, prescaled, chunk_size, dtype)
-        ctx.mark_non_differentiable(kl, clip_fraction)
-        return loss, kl, clip_fraction
+    def forward(ctx, student, loss, grad_student, rows, block_rows):
+        ctx.grad_student, ctx.rows, ctx.num_rows, ctx.block_rows = grad_student, rows, student.shape[0], block_rows
+        return loss.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_kl, _grad_clip_fraction):
-        student, hidden, weight, bias, rows = ctx.saved_tensors
-        tau, clip, temperature, prescaled, chunk_size, dtype = ctx.opts
-        grad_student = None
-        if ctx.needs_input_grad[0]:
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            # The only (M, V) allocation: the result itself, in the student's dtype (rows that are not
-            # distilled get zero).
-            grad_student = torch.empty_like(student) if rows is None else torch.zeros_like(student)
-            scale = grad_loss.to(dtype) if prescaled else grad_loss.to(dtype) / temperature
-            for lo in range(0, hidden.shape[0], chunk_size):
-                hi = min(lo + chunk_size, hidden.shape[0])
-                logp_s, logp_t = _chunk_logprobs(student, hidden, w, b, lo, hi, temperature, prescaled, dtype, rows)
-                p_s = logp_s.exp()
-                p_t, d = _kl_terms(logp_t, logp_s)
-                if clip == "pointwise":
-                    kept = p_t * (d <= tau)  # p_T[v] m[v]
-                    g = p_s * kept.sum(-1, keepdim=True) - kept
-                else:
-                    g = p_s - p_t
-                    if clip == "token":
-                        g = g * (d.sum(-1, keepdim=True) <= tau)
-                target = slice(lo, hi) if rows is None else rows[lo:hi]
-                grad_student[target] = (g * scale[lo:hi, None]).to(grad_student.dtype)
-        # Stop-gradient teacher: never a gradient to hidden states, lm_head weight or bias.
-        return grad_student, None, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_loss):
+        grad = ctx.grad_student
+        if grad is None:
+            raise RuntimeError(
+                "chunked_clipped_forward_kl: its gradient was precomputed and is consumed by the first backward; "
+                "backward through the same call twice (retain_graph=True) is not supported"
+            )
+        ctx.grad_student = None  # drop our reference: autograd may then adopt the buffer as `.grad`
+        scale = grad_loss
+        if ctx.rows is not None:  # rows that are not distilled are zero in `grad`; their scale does not matter
+            scale = grad_loss.new_zeros(ctx.num_rows).index_copy_(0, ctx.rows, grad_loss)
+        scale = scale.unsqueeze(-1)
+        if scale.dtype == grad.dtype:
+            grad.mul_(scale)
+        else:
+            # E.g. a bf16 gradient times a float32 scale (multiplied in float32, rounded to bf16). By row blocks:
+            # on CPU an in-place op of mixed dtypes works on float32 copies of its whole operand (two (M, V)
+            # float32 temporaries at once).
+            for lo in range(0, grad.shape[0], ctx.block_rows):
+                grad[lo : lo + ctx.block_rows].mul_(scale[lo : lo + ctx.block_rows])
+        return grad, None, None, None, None
+
+
+class _Scratch:
+    """(chunk_size, V) work buffers, allocated once per call and reused by every chunk.
+
+    Reuse bounds the peak to a fixed set of buffers, and on CPU it also saves time: glibc maps and unmaps
+    blocks this large on every allocation, so a fresh tensor per chunk would page-fault it in every time.
+    """
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.rows, self.cols, self.device, self.buffers = rows, cols, device, {}
+
+    def get(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = torch.empty(self.rows * self.cols, dtype=dtype, device=self.device)
+        return buf[: rows * self.cols].view(rows, self.cols)
+
+    def get_as(self, name: str, rows: int, dtype: torch.dtype, as_dtype: torch.dtype) -> torch.Tensor:
+        """The same storage as ``get(name, rows, dtype)``, reinterpreted as ``as_dtype`` (not larger than dtype)."""
+        flat = self.get(name, rows, dtype).view(-1).view(torch.uint8)
+        return flat[: rows * self.cols * as_dtype.itemsize].view(as_dtype).view(rows, self.cols)
+
+
+def _project(hidden, weight, bias, out: torch.Tensor) -> torch.Tensor:
+    """Teacher logits ``hidden @ weight.T + bias`` into ``out``, computed in ``out.dtype`` (the promoted dtype of
+    the three inputs).
+
+    When all three have that dtype, these are the kernels of the student's lm_head (F.linear = addmm / mm), so
+    equal hidden states give equal logits. Otherwise the weight is cast a block of vocabulary rows at a time,
+    never as a whole (V, H) copy.
+    """
+    dtype = out.dtype
+    hidden = hidden.to(dtype)
+    if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    block = max(1, _WEIGHT_CAST_ELEMENTS // max(1, weight.shape[1]))
+    for lo in range(0, weight.shape[0], block):
+        hi = min(lo + block, weight.shape[0])
+        out[:, lo:hi] = F.linear(hidden, weight[lo:hi].to(dtype), None if bias is None else bias[lo:hi].to(dtype))
+    return out
+
+
+def _logsumexp(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) logsumexp of ``x`` over the last dim, with ``work`` (same shape) as scratch instead of the
+    (rows, V) temporary torch.logsumexp allocates. A row holding NaN or +inf (or only -inf) gives a non-finite
+    result."""
+    shift = x.amax(-1, keepdim=True)
+    return torch.sub(x, shift, out=work).exp_().sum(-1, keepdim=True).log_().add_(shift)
+
+
+def _chunk_loss(logp_t, logp_s, work, mask, tau: float, clip: str, topk: Optional[int], need_grad: bool):
+    """Loss terms and gradient for one chunk, given both sides' log-probabilities (rows, V).
+
+    Works in place: ``logp_t`` and the scratch buffers ``work`` (float, like logp_t) and ``mask`` (bool; only
+    needed by the exact pointwise clip) are consumed; ``logp_s`` is turned into the gradient dl/dz when ``need_grad``. Both log-probabilities must be
+    clamped to finite values (so that 0 * (log 0 - log 0) reads 0, not NaN).
+    Returns (loss, kl, clipped_mass, grad_or_None).
+    """
+    if topk is not None:
+        return _chunk_loss_topk(logp_t, logp_s, tau, clip, topk, need_grad)
+    p_t = torch.exp(logp_t, out=work)
+    d = logp_t.sub_(logp_s).mul_(p_t)  # d = p_T (log p_T - log p_S), in logp_t's storage
+    kl = d.sum(-1)
+    if clip == "pointwise":
+        clipped = torch.gt(d, tau, out=mask)
+        loss = d.clamp_(max=tau).sum(-1)
+        # p_T on the clipped entries, written into d's storage (no longer needed). Not `p_t * clipped`: mixing
+        # dtypes would first cast the mask to a float (rows, V) copy.
+        clipped_mass = torch.where(clipped, p_t, p_t.new_zeros(()), out=d).sum(-1)
+        weights = p_t.masked_fill_(clipped, 0)  # w = p_T * m
+    else:
+        loss = kl.clamp(max=tau) if clip == "token" else kl
+        clipped_mass = (kl > tau).to(kl.dtype) if clip == "token" else torch.zeros_like(kl)
+        weights = p_t
+        if clip == "token":  # m = 1[kl <= tau] per row
+            weights.mul_((kl <= tau).unsqueeze(-1))
+    grad = None
+    if need_grad:
+        # dl/dz = p_S * sum_v w[v] - w, built in logp_s's storage.
+        total = weights.sum(-1, keepdim=True)
+        grad = logp_s.exp_().mul_(total).sub_(weights)
+    return loss, kl, clipped_mass, grad
+
+
+def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
+    """The top-k + tail-bucket approximation (module docstring); same contract as :func:`_chunk_loss`."""
+    top_logp_t, idx = logp_t.topk(k, dim=-1, sorted=False)
+    top_logp_s = logp_s.gather(-1, idx)
+    # Tail masses summed directly over the tail entries (1 - sum(top) would cancel catastrophically when the
+    # top-k hold nearly all the mass): zero the top-k entries in place, sum, and (student) restore them.
+    tail_t = logp_t.exp_().scatter_(-1, idx, 0).sum(-1, keepdim=True)
+    p_s = logp_s.exp_()
+    top_p_s = top_logp_s.exp()
+    tail_s = p_s.scatter_(-1, idx, 0).sum(-1, keepdim=True)
+    p_s.scatter_(-1, idx, top_p_s)
+
+    # The k + 1 coarse entries (last = tail), through the reference's own formulas.
+    logp_t_k = torch.cat([top_logp_t, tail_t.log()], dim=-1)
+    logp_s_k = torch.cat([top_logp_s, tail_s.log()], dim=-1)
+    p_t_k, d = _kl_terms(logp_t_k, logp_s_k)
+    kl = d.sum(-1)
+    loss = _clip_loss(d, tau, clip)
+    if clip == "pointwise":
+        clipped = d > tau
+        clipped_mass = (p_t_k * clipped).sum(-1)
+        weights = p_t_k.masked_fill(clipped, 0)
+    elif clip == "token":
+        clipped_mass = (kl > tau).to(kl.dtype)
+        weights = p_t_k * (kl <= tau).unsqueeze(-1)
+    else:
+        clipped_mass = torch.zeros_like(kl)
+        weights = p_t_k
+    grad = None
+    if need_grad:
+        total = weights.sum(-1, keepdim=True)
+        # a = w_tail / P_S[tail]; 0 when the tail has no student mass (then w_tail * p_S[j] / P_S[tail] is 0/0
+        # on every tail entry, whose p_S[j] are all 0).
+        tail_w = weights[:, -1:]
+        a = torch.where(tail_s > 0, tail_w / tail_s.clamp(min=torch.finfo(tail_s.dtype).tiny), 0.0)
+        grad = p_s.mul_(total - a).scatter_add_(-1, idx, top_p_s * a - weights[:, :-1])
+    return loss, kl, clipped_mass, grad
+
+
+_DIAGNOSTICS = ("teacher_logp_sampled", "student_logp_sampled", "teacher_argmax_differs")
+
+
+def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, sampled_ids, tau, clip, chunk_size,
+                  topk, need_grad):
+    """The whole loss in one pass over teacher-row chunks, without autograd. Returns (fields dict, grad or None).
+
+    Memory besides the gradient: the (chunk_size, V) buffers of _Scratch -- teacher log-probs (later d), one
+    scratch (later p_T, then w), a bool mask, and the student log-probs when they cannot live in the gradient.
+    """
+    v = student.shape[1]
+    n = hidden.shape[0]
+    device = student.device
+    dtype = _compute_dtype(student.dtype, hidden.dtype, weight.dtype, *(() if bias is None else (bias.dtype,)))
+    proj_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        proj_dtype = torch.promote_types(proj_dtype, bias.dtype)
+    # Finite stand-in for log 0: keeps d = p_T (log p_T - log p_S) = 0 * finite = 0 where p_T = 0, in place.
+    log_zero = torch.finfo(dtype).min
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row:
+        temperature = temperature.to(device=device, dtype=dtype)
+
+    out = {name: torch.zeros(n, dtype=dtype, device=device) for name in ("loss", "kl", "clipped_mass")}
+    out["teacher_nonfinite"] = torch.zeros(n, dtype=torch.bool, device=device)
+    if sampled_ids is not None:
+        out.update({name: torch.zeros(n, dtype=dtype, device=device) for name in _DIAGNOSTICS})
+
+    # The gradient w.r.t. the student logits: the only (M, V) allocation. Rows that are not distilled stay 0.
+    grad = None
+    if need_grad:
+        grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+    # When the gradient is a float32/64 buffer of the compute dtype, each chunk's student log-probs are built
+    # directly in its rows (they become the gradient there): one (chunk, V) buffer less.
+    in_grad = grad is not None and rows is None and grad.dtype == dtype
+    scratch = _Scratch(min(chunk_size, n), v, device)
+
+    for lo in range(0, n, chunk_size):
+        hi = min(lo + chunk_size, n)
+        c = hi - lo
+        t = temperature[lo:hi].unsqueeze(-1) if per_row else temperature
+        scaled = per_row or t != 1.0
+        work = scratch.get("work", c, dtype)
+
+        # Teacher: project like the student's lm_head (in `work`, reinterpreted, if that dtype is narrower), then
+        # upcast, then temperature.
+        logp_t = scratch.get("teacher", c, dtype)
+        if proj_dtype == dtype:
+            _project(hidden[lo:hi], weight, bias, out=logp_t)
+        else:
+            logp_t.copy_(_project(hidden[lo:hi], weight, bias, out=scratch.get_as("work", c, dtype, proj_dtype)))
+        if scaled:
+            logp_t.div_(t)
+        lse_t = _logsumexp(logp_t, work)
+        # NaN or +inf logits make lse NaN/+inf; a row of -inf only makes it NaN too. Either way the row has no
+        # teacher distribution: run it as uniform (finite arithmetic) and zero its outputs and gradient below.
+        bad = ~torch.isfinite(lse_t)
+        logp_t.masked_fill_(bad, 0.0).sub_(torch.where(bad, math.log(v), lse_t))
+
+        # Student rows of this chunk, as float log-probabilities at the same temperature.
+        if in_grad:
+            logp_s = grad[lo:hi].copy_(student[lo:hi])
+        else:
+            logp_s = scratch.get("student", c, dtype)
+            if rows is None:
+                logp_s.copy_(student[lo:hi])
+            elif student.dtype == dtype:
+                torch.index_select(student, 0, rows[lo:hi], out=logp_s)
+            else:
+                logp_s.copy_(student.index_select(0, rows[lo:hi]))
+        if not prescaled and scaled:
+            logp_s.div_(t)
+        logp_s.sub_(_logsumexp(logp_s, work))
+
+        if sampled_ids is not None:  # diagnostics, before the clamp below turns log 0 into a finite number
+            ids = sampled_ids[lo:hi].unsqueeze(-1)
+            out["teacher_logp_sampled"][lo:hi] = logp_t.gather(-1, ids).squeeze(-1)
+            out["student_logp_sampled"][lo:hi] = logp_s.gather(-1, ids).squeeze(-1)
+            out["teacher_argmax_differs"][lo:hi] = (logp_t.argmax(-1) != ids.squeeze(-1)).to(dtype)
+        logp_t.clamp_(min=log_zero)
+        logp_s.clamp_(min=log_zero)
+
+        mask = scratch.get("mask", c, torch.bool) if clip == "pointwise" and topk is None else None
+        loss, kl, clipped_mass, g = _chunk_loss(logp_t, logp_s, work, mask, tau, clip, topk, need_grad)
+        bad = bad.squeeze(-1)
+        for name, value in (("loss", loss), ("kl", kl), ("clipped_mass", clipped_mass)):
+            out[name][lo:hi] = value.masked_fill(bad, 0.0)
+        out["teacher_nonfinite"][lo:hi] = bad
+        if sampled_ids is not None:
+            for name in _DIAGNOSTICS:
+                out[name][lo:hi].masked_fill_(bad, 0.0)
+
+        if g is not None:
+            g.masked_fill_(bad.unsqueeze(-1), 0.0)
+            if not prescaled and scaled:
+                g.div_(t)  # dl/ds = dl/dz / T
+            if rows is not None:
+                grad.index_copy_(0, rows[lo:hi], g.to(grad.dtype))
+            elif not in_grad:
+                grad[lo:hi].copy_(g)  # one rounding to the student's dtype
+    return out, grad
 
 
 def chunked_clipped_forward_kl(
@@ -197,33 +448,52 @@ def chunked_clipped_forward_kl(
     *,
     tau: float = 0.05,
     clip: str = "pointwise",
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     student_prescaled: bool = False,
     lm_head_bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
     student_rows: Optional[torch.Tensor] = None,
+    sampled_ids: Optional[torch.Tensor] = None,
+    topk: Optional[int] = None,
 ) -> ForwardKLTerms:
-    """Memory-bounded clipped forward KL against teacher logits ``teacher_hidden @ W.T (+ b)``.
+    """Memory-bounded, one-pass clipped forward KL against teacher logits ``teacher_hidden @ W.T (+ b)``.
 
     Args:
-        student_logits: (N, V) student logits (any float dtype, usually with grad).
-        teacher_hidden: (N, H) final hidden states of the teacher forward (stop-gradient).
-        lm_head_weight: (V, H) output embedding (stop-gradient); may differ in dtype from the hidden states.
-        tau, clip, temperature: as in :func:`clipped_forward_kl`.
-        student_prescaled: the student logits are already divided by ``temperature`` (verl's engine
-            hands them so); the teacher logits are always divided here.
+        student_logits: (N, V) student logits (any float dtype, usually with grad); (M, V) with ``student_rows``.
+        teacher_hidden: (N, H) final hidden states of the teacher forward (stop-gradient). Pass them as the
+            model produced them (e.g. bf16): the teacher logits are projected in the inputs' dtype, exactly like
+            the student's lm_head, and upcast afterwards. Do not pre-divide them by the temperature.
+        lm_head_weight: (V, H) output embedding (stop-gradient). If its dtype differs from the hidden states',
+            the projection runs in ``torch.promote_types`` of the two (the weight is cast in vocabulary blocks).
+        tau, clip: as in :func:`clipped_forward_kl`.
+        temperature: a float, or an (N,) tensor with one temperature per teacher row. It divides the teacher
+            logits (after projection and upcast) and, unless ``student_prescaled``, the student row it is
+            compared with.
+        student_prescaled: the student logits are already divided by the temperature (verl's engine hands
+            them so); the teacher logits are always divided here.
         lm_head_bias: optional (V,) bias.
-        chunk_size: rows per chunk; peak extra memory is a few (chunk_size, V) tensors.
+        chunk_size: teacher rows per chunk. Memory besides the (M, V) gradient: about 2.25 float32
+            (chunk_size, V) tensors (3.25 with a bf16 student or ``student_rows``), whatever N is; the time
+            hardly depends on it from 64 up. Default 128 (docs/performance.md has the measurements).
         student_rows: optional (N,) distinct indices into the rows of ``student_logits`` (then (M, V), any M):
             teacher row i is compared with student row ``student_rows[i]``. Equals passing
             ``student_logits[student_rows]`` without materialising that copy (or its gradient): verl hands the
             logits of a whole micro-batch, of which only the target's response positions are distilled.
+        sampled_ids: optional (N,) long, the token actually sampled at each position; turns on the fields
+            ``teacher_logp_sampled``, ``student_logp_sampled`` and ``teacher_argmax_differs`` (same pass).
+        topk: None (exact, default) or k in [1, V]: the top-k + tail-bucket approximation of the module
+            docstring (its unclipped KL is a lower bound of the exact one; see there for when it is accurate).
+
+    The gradient w.r.t. ``student_logits`` is computed in this forward call (only when it requires grad and
+    grad mode is on) into one (M, V) tensor of its dtype, and ``loss.backward`` only scales it row by row, in
+    place: backward can run once per call. No gradient ever reaches the teacher inputs.
+
+    A teacher row whose logits hold a NaN or +inf (or only -inf) is skipped: loss, kl and clipped mass 0, zero
+    gradient, flagged in ``teacher_nonfinite``. -inf entries in an otherwise finite row are legitimate
+    (p_T = 0 there). Non-finite *student* logits are not screened: they propagate as usual.
 
     Returns:
-        ForwardKLTerms of (N,) tensors in float32 (float64 if an input is float64): ``loss``
-        (differentiable w.r.t. ``student_logits``), ``kl`` = unclipped sum_v d, and ``clip_fraction``
-        (pointwise: fraction of vocabulary entries with d > tau; token: 1.0 where sum_v d > tau;
-        none: 0). ``kl`` and ``clip_fraction`` are detached.
+        :class:`ForwardKLTerms` of (N,) tensors (see its field comments).
     """
     _validate(tau, clip, temperature)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -235,8 +505,9 @@ def chunked_clipped_forward_kl(
         )
     m, v = student_logits.shape
     n = teacher_hidden.shape[0]
+    device = student_logits.device
     if student_rows is not None:
-        student_rows = student_rows.to(device=student_logits.device, dtype=torch.long).reshape(-1)
+        student_rows = student_rows.to(device=device, dtype=torch.long).reshape(-1)
         if student_rows.numel() != n:
             raise ValueError(f"student_rows has {student_rows.numel()} entries for {n} teacher rows")
         if n and (int(student_rows.min()) < 0 or int(student_rows.max()) >= m):
@@ -255,8 +526,31 @@ def chunked_clipped_forward_kl(
         )
     if lm_head_bias is not None and lm_head_bias.shape != (v,):
         raise ValueError(f"lm_head_bias must have shape ({v},), got {tuple(lm_head_bias.shape)}")
-    loss, kl, clip_fraction = _ChunkedClippedFKL.apply(
-        student_logits, teacher_hidden, lm_head_weight, lm_head_bias, student_rows,
-        float(tau), clip, float(temperature), bool(student_prescaled), chunk_size,
-    )
-    return ForwardKLTerms(loss, kl, clip_fraction)
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() == 0:
+            temperature = float(temperature)
+        elif temperature.shape != (n,):
+            raise ValueError(f"temperature must be a float or an ({n},) tensor, got shape {tuple(temperature.shape)}")
+    else:
+        temperature = float(temperature)
+    if sampled_ids is not None:
+        if sampled_ids.shape != (n,) or sampled_ids.is_floating_point() or sampled_ids.is_complex():
+            raise ValueError(f"sampled_ids must be an ({n},) integer tensor, got {sampled_ids.dtype} "
+                             f"{tuple(sampled_ids.shape)}")
+        sampled_ids = sampled_ids.to(device=device, dtype=torch.long)
+        if n and (int(sampled_ids.min()) < 0 or int(sampled_ids.max()) >= v):
+            raise ValueError(f"sampled_ids must index the vocabulary of {v} entries")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= v):
+        raise ValueError(f"topk must be None or an int in [1, {v}], got {topk!r}")
+
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    with torch.no_grad():
+        out, grad = _forward_pass(
+            student_logits.detach(), teacher_hidden.detach(), lm_head_weight.detach(),
+            None if lm_head_bias is None else lm_head_bias.detach(), student_rows, temperature,
+            bool(student_prescaled), sampled_ids, float(tau), clip, chunk_size, topk, need_grad,
+        )
+    loss = out.pop("loss")
+    if need_grad:
+        loss = _PrecomputedGradient.apply(student_logits, loss, grad, student_rows, chunk_size)
+    return ForwardKLTerms(loss=loss, **out)

@@ -55,7 +55,7 @@ def test_two_ssopd_steps_log_pairs_and_distillation(first_run):
         assert all(math.isfinite(v) for v in ssopd.values()), ssopd
         assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/frontier_frac"] > 0
         assert ssopd["ssopd/distill_loss"] > 0
-        for key in ("ssopd/kl_unclipped", "ssopd/clip_frac", "ssopd/witness_len_mean", "ssopd/target_len_mean",
+        for key in ("ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/witness_len_mean", "ssopd/target_len_mean",
                     "ssopd/witness_truncations"):
             assert key in ssopd
         assert "actor/pg_loss" in steps[step]

@@ -7,19 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ssopd_verl.losses as losses
 from ssopd_verl.losses import CLIP_MODES, ForwardKLTerms, chunked_clipped_forward_kl, clipped_forward_kl
 
 TAU = 0.05
 TEMPERATURES = (0.7, 1.0, 1.5)
+FP64 = dict(rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- independent float64 reference
 
 
+def _per_row(temperature):
+    return temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+
+
 def ref_terms(student, teacher, temperature):
-    """(p_T, d) in float64, written out by hand: log-softmax via max-shift, 0 log 0 = 0."""
-    z = student.double() / temperature
-    u = teacher.detach().double() / temperature
+    """(p_T, d) in float64, written out by hand: log-softmax via max-shift, 0 log 0 = 0.
+    `temperature`: a float or one value per row."""
+    z = student.double() / _per_row(temperature)
+    u = teacher.detach().double() / _per_row(temperature)
     logp_s = z - z.max(-1, keepdim=True).values
     logp_s = logp_s - logp_s.exp().sum(-1, keepdim=True).log()
     logp_t = u - u.max(-1, keepdim=True).values
@@ -115,6 +122,18 @@ def test_reference_zero_teacher_probability_is_finite(clip):
     torch.testing.assert_close(out, ref_loss(s, t, TAU, clip, 1.0), rtol=1e-12, atol=1e-14)
 
 
+def test_reference_per_row_temperature():
+    s, t = make_logits(5, 6, 40)
+    temps = torch.tensor([0.5, 0.7, 1.0, 1.3, 2.0, 0.9], dtype=torch.float64)
+    for clip in CLIP_MODES:
+        s1 = s.clone().requires_grad_(True)
+        out = clipped_forward_kl(s1, t, clip=clip, temperature=temps)
+        # Row by row with a float temperature gives the same.
+        rows = torch.stack([clipped_forward_kl(s[i], t[i], clip=clip, temperature=float(temps[i])) for i in range(6)])
+        torch.testing.assert_close(out, rows, **FP64)
+        torch.testing.assert_close(out, ref_loss(s, t, TAU, clip, temps), **FP64)
+
+
 # ---------------------------------------------------------------- chunked_clipped_forward_kl
 
 
@@ -133,10 +152,26 @@ def make_chunked_inputs(seed, n, v, h, dtype=torch.float64, bias=False):
     return cast(student), cast(hidden), cast(weight), cast(b)
 
 
+def row_temperatures(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 1.5 * torch.rand(n, generator=g, dtype=torch.float64))
+
+
+def ref_clipped_mass(d, p_t, clip):
+    """Share of teacher probability in clipped entries (pointwise), 1.0 if the row is clipped (token), else 0."""
+    return {
+        "pointwise": (p_t * (d > TAU)).sum(-1),
+        "token": (d.sum(-1) > TAU).double(),
+        "none": torch.zeros(d.shape[0], dtype=torch.float64),
+    }[clip]
+
+
 @pytest.mark.parametrize("clip", CLIP_MODES)
-@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("temperature", TEMPERATURES + ("per_row",))
 def test_chunked_matches_reference(clip, temperature):
     n, v, h = 7, 60, 8
+    if temperature == "per_row":
+        temperature = row_temperatures(n)
     for chunk_size, prescaled, bias in itertools.product((1, 3, n, n + 5), (False, True), (False, True)):
         student, hidden, weight, b = make_chunked_inputs(chunk_size + 10 * bias, n, v, h, bias=bias)
         raw = student.clone().requires_grad_(True)
@@ -144,7 +179,7 @@ def test_chunked_matches_reference(clip, temperature):
         weight.requires_grad_(True)
         if b is not None:
             b.requires_grad_(True)
-        fed = raw / temperature if prescaled else raw
+        fed = raw / _per_row(temperature) if prescaled else raw
         terms = chunked_clipped_forward_kl(
             fed, hidden, weight, tau=TAU, clip=clip, temperature=temperature,
             student_prescaled=prescaled, lm_head_bias=b, chunk_size=chunk_size,
@@ -157,26 +192,36 @@ def test_chunked_matches_reference(clip, temperature):
         ref_s = student.clone().requires_grad_(True)
         expected = ref_loss(ref_s, teacher, TAU, clip, temperature)
         (expected * rows).sum().backward()
-        tol = dict(rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(terms.loss, expected.detach(), **tol)
-        torch.testing.assert_close(raw.grad, ref_s.grad, **tol)
-        torch.testing.assert_close(terms.loss, clipped_forward_kl(student, teacher, TAU, clip, temperature), **tol)
+        torch.testing.assert_close(terms.loss, expected.detach(), **FP64)
+        torch.testing.assert_close(raw.grad, ref_s.grad, **FP64)
+        torch.testing.assert_close(terms.loss, clipped_forward_kl(student, teacher, TAU, clip, temperature), **FP64)
 
         # Stop-gradient teacher: nothing reaches hidden states, lm_head weight or bias.
         assert hidden.grad is None and weight.grad is None and (b is None or b.grad is None)
 
         # Diagnostics against independent computations.
-        _, d = ref_terms(student, teacher, temperature)
-        torch.testing.assert_close(terms.kl, d.sum(-1), **tol)
-        expected_cf = {
-            "pointwise": (d > TAU).double().mean(-1),
-            "token": (d.sum(-1) > TAU).double(),
-            "none": torch.zeros(n, dtype=torch.float64),
-        }[clip]
-        torch.testing.assert_close(terms.clip_fraction, expected_cf, rtol=0, atol=0)
-        assert not terms.kl.requires_grad and not terms.clip_fraction.requires_grad
+        p_t, d = ref_terms(student, teacher, temperature)
+        torch.testing.assert_close(terms.kl, d.sum(-1), **FP64)
+        torch.testing.assert_close(terms.clipped_mass, ref_clipped_mass(d, p_t, clip), **FP64)
+        assert terms.teacher_nonfinite.dtype == torch.bool and not terms.teacher_nonfinite.any()
+        assert terms.teacher_logp_sampled is terms.student_logp_sampled is terms.teacher_argmax_differs is None
+        assert not any(x.requires_grad for x in (terms.kl, terms.clipped_mass, terms.teacher_nonfinite))
         if clip != "none":  # the data clip some rows and leave others untouched
-            assert (terms.clip_fraction > 0).any() and (terms.clip_fraction == 0).any()
+            assert (terms.clipped_mass > 0).any() and (terms.clipped_mass == 0).any()
+
+
+def test_clipped_mass_is_teacher_mass_not_entry_share():
+    # One dominant teacher entry that the student misses: a single clipped entry out of V holds ~all the mass.
+    v = 1000
+    teacher = torch.full((1, v), -5.0, dtype=torch.float64)
+    teacher[0, 3] = 10.0
+    student = torch.zeros(1, v, dtype=torch.float64)
+    eye = torch.eye(1, dtype=torch.float64)
+    terms = chunked_clipped_forward_kl(student, eye, teacher.T.contiguous())
+    p_t, d = ref_terms(student, teacher, 1.0)
+    assert int((d > TAU).sum()) == 1  # the old "share of entries" metric would read 0.001
+    torch.testing.assert_close(terms.clipped_mass, p_t[:, 3], **FP64)
+    assert terms.clipped_mass.item() > 0.99
 
 
 @pytest.mark.parametrize("clip", CLIP_MODES)
@@ -187,16 +232,16 @@ def test_chunked_student_rows_equal_gathered_rows(clip):
     hidden = hidden[:n]
     idx = torch.tensor([9, 0, 4, 11, 6])
     upstream = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    for chunk_size in (1, 2, n):
+    for chunk_size, temperature in itertools.product((1, 2, n), (0.7, row_temperatures(n, 1))):
         fed = student.clone().requires_grad_(True)
-        terms = chunked_clipped_forward_kl(fed, hidden, weight, tau=TAU, clip=clip, temperature=0.7,
+        terms = chunked_clipped_forward_kl(fed, hidden, weight, tau=TAU, clip=clip, temperature=temperature,
                                            chunk_size=chunk_size, student_rows=idx)
         (terms.loss * upstream).sum().backward()
         gathered = student.clone().requires_grad_(True)
-        expected = ref_loss(gathered[idx], (hidden @ weight.T).detach(), TAU, clip, 0.7)
+        expected = ref_loss(gathered[idx], (hidden @ weight.T).detach(), TAU, clip, temperature)
         (expected * upstream).sum().backward()
-        torch.testing.assert_close(terms.loss, expected.detach(), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(fed.grad, gathered.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(terms.loss, expected.detach(), **FP64)
+        torch.testing.assert_close(fed.grad, gathered.grad, **FP64)
         untouched = torch.ones(m, dtype=torch.bool)
         untouched[idx] = False
         assert not fed.grad[untouched].any()
@@ -206,20 +251,56 @@ def test_chunked_student_rows_equal_gathered_rows(clip):
         chunked_clipped_forward_kl(student, hidden, weight, student_rows=torch.tensor([1, 2, 3, 4, 12]))
 
 
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, v, h, chunk_size", [(37, 1000, 64, 5), (6, 151936, 32, 4)])
+def test_teacher_projected_like_the_student(dtype, n, v, h, chunk_size):
+    """Same hidden states on both sides: the teacher logits are the student's (projected in the inputs' dtype,
+    upcast afterwards), so the KL is ~0 -- also in bf16, where a float32 teacher would read ~2e-3."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 4 / h**0.5).to(dtype)
+    student = (hidden @ weight.T).float().requires_grad_(True)
+    for temperature in (1.0, 0.6, torch.linspace(0.5, 1.5, n)):
+        terms = chunked_clipped_forward_kl(student, hidden, weight, temperature=temperature, chunk_size=chunk_size)
+        assert terms.kl.abs().max() <= 1e-5, terms.kl
+        assert terms.loss.abs().max() <= 1e-5
+    # The old path (float32 teacher from bf16 inputs) is far off: the test above measures something.
+    if dtype == torch.bfloat16:
+        upcast = chunked_clipped_forward_kl(student, hidden.float(), weight.float(), clip="none")
+        assert upcast.kl.max() > 1e-4
+
+
 def test_chunked_mixed_dtypes():
     # bf16 lm_head with fp32 hidden states; bf16 student. Results are float32, grad is bf16.
     student, hidden, weight, b = make_chunked_inputs(5, 9, 70, 8, dtype=torch.float32, bias=True)
     s = student.bfloat16().requires_grad_(True)
     w16 = weight.bfloat16()
     terms = chunked_clipped_forward_kl(s, hidden, w16, lm_head_bias=b, chunk_size=4, temperature=0.7)
-    assert terms.loss.dtype == terms.kl.dtype == torch.float32
+    assert terms.loss.dtype == terms.kl.dtype == terms.clipped_mass.dtype == torch.float32
     terms.loss.sum().backward()
     assert s.grad.dtype == torch.bfloat16
     s_ref = s.detach().clone().requires_grad_(True)
+    # Projection in promote_types(float32, bfloat16) = float32.
     expected = clipped_forward_kl(s_ref, hidden @ w16.float().T + b, temperature=0.7)
     expected.sum().backward()
-    torch.testing.assert_close(terms.loss, expected, rtol=1e-5, atol=1e-6)
+    # float32 rounding (different log-softmax routes) on losses of ~1e-5..1e-1.
+    torch.testing.assert_close(terms.loss, expected, rtol=1e-5, atol=5e-6)
     torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+def test_weight_cast_in_vocabulary_blocks(monkeypatch):
+    """A weight of another dtype is cast a few vocabulary rows at a time (never a whole (V, H) copy); same result."""
+    student, hidden, weight, b = make_chunked_inputs(11, 6, 50, 8, dtype=torch.float32, bias=True)
+    w16 = weight.bfloat16()
+    whole = chunked_clipped_forward_kl(student, hidden, w16, lm_head_bias=b)
+    monkeypatch.setattr(losses, "_WEIGHT_CAST_ELEMENTS", 8 * 7)  # blocks of 7 rows: 50 = 7 * 7 + 1
+    with _OpSizes() as ops:
+        blocked = chunked_clipped_forward_kl(student, hidden, w16, lm_head_bias=b)
+    torch.testing.assert_close(blocked.loss, whole.loss, rtol=0, atol=0)
+    assert 50 * 8 not in ops.sizes  # no full-size cast of the weight
 
 
 def test_chunked_float32_matches_float64():
@@ -234,6 +315,9 @@ def test_chunked_float32_matches_float64():
     torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- non-finite inputs
+
+
 def test_chunked_zero_teacher_probability_is_finite():
     student, hidden, weight, b = make_chunked_inputs(7, 5, 20, 4, bias=True)
     b[:6] = float("-inf")
@@ -242,6 +326,7 @@ def test_chunked_zero_teacher_probability_is_finite():
         terms = chunked_clipped_forward_kl(s, hidden, weight, lm_head_bias=b, clip=clip, chunk_size=2)
         (grad,) = torch.autograd.grad(terms.loss.sum(), s)
         assert torch.isfinite(terms.loss).all() and torch.isfinite(terms.kl).all() and torch.isfinite(grad).all()
+        assert not terms.teacher_nonfinite.any()  # -inf entries in a finite row are legitimate (p_T = 0)
         s_ref = student.clone().requires_grad_(True)
         expected = ref_loss(s_ref, hidden @ weight.T + b, TAU, clip, 1.0)
         (expected_grad,) = torch.autograd.grad(expected.sum(), s_ref)
@@ -249,25 +334,211 @@ def test_chunked_zero_teacher_probability_is_finite():
         torch.testing.assert_close(grad, expected_grad)
 
 
+def test_zero_probability_on_both_sides_is_finite():
+    # Entries that both sides rule out (-inf logits) contribute nothing, as in the reference.
+    student, hidden, weight, b = make_chunked_inputs(8, 4, 20, 4, bias=True)
+    b[:5] = float("-inf")
+    student[:, :5] = float("-inf")
+    s = student.clone().requires_grad_(True)
+    terms = chunked_clipped_forward_kl(s, hidden, weight, lm_head_bias=b, chunk_size=3)
+    (grad,) = torch.autograd.grad(terms.loss.sum(), s)
+    # Same as leaving those entries out of the vocabulary.
+    expected = ref_loss(student[:, 5:], (hidden @ weight.T + b)[:, 5:], TAU, "pointwise", 1.0)
+    torch.testing.assert_close(terms.loss, expected, **FP64)
+    assert torch.isfinite(grad).all() and not grad[:, :5].any()
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+@pytest.mark.parametrize("topk", [None, 7])
+def test_nonfinite_teacher_rows_are_skipped(clip, topk):
+    """NaN / inf teacher hidden states: loss 0, gradient row 0, flagged; the other rows are unaffected."""
+    n, v, h = 6, 30, 5
+    student, hidden, weight, _ = make_chunked_inputs(9, n, v, h)
+    hidden[1, 2] = float("nan")
+    hidden[4] = float("inf")  # logits of both signs of infinity
+    ids = torch.arange(n) * 5
+    s = student.clone().requires_grad_(True)
+    terms = chunked_clipped_forward_kl(s, hidden, weight, clip=clip, chunk_size=4, sampled_ids=ids, topk=topk,
+                                       temperature=row_temperatures(n))
+    (terms.loss * torch.arange(1.0, n + 1, dtype=torch.float64)).sum().backward()
+    bad = torch.tensor([False, True, False, False, True, False])
+    assert terms.teacher_nonfinite.tolist() == bad.tolist()
+    for field in terms:
+        if field is not None and field.dtype != torch.bool:
+            assert torch.isfinite(field).all()
+            assert not field[bad].any()
+    assert torch.isfinite(s.grad).all() and not s.grad[bad].any()
+
+    good = ~bad
+    s_ref = student[good].clone().requires_grad_(True)
+    expected = chunked_clipped_forward_kl(s_ref, hidden[good], weight, clip=clip, sampled_ids=ids[good], topk=topk,
+                                          temperature=row_temperatures(n)[good])
+    (expected.loss * torch.arange(1.0, n + 1, dtype=torch.float64)[good]).sum().backward()
+    for got, want in zip(terms, expected):
+        if want is not None and want.dtype != torch.bool:
+            torch.testing.assert_close(got[good], want, **FP64)
+    torch.testing.assert_close(s.grad[good], s_ref.grad, **FP64)
+    if topk is None:
+        torch.testing.assert_close(terms.loss[good], ref_loss(student[good], hidden[good] @ weight.T, TAU, clip,
+                                                              row_temperatures(n)[good]), **FP64)
+
+
+# ---------------------------------------------------------------- sampled-token diagnostics
+
+
+@pytest.mark.parametrize("prescaled", [False, True])
+def test_sampled_token_diagnostics(prescaled):
+    n, v, h, m = 9, 50, 6, 14
+    student, hidden, weight, b = make_chunked_inputs(10, m, v, h, bias=True)
+    hidden = hidden[:n]
+    rows = torch.tensor([13, 2, 5, 0, 7, 9, 1, 11, 4])
+    temperature = row_temperatures(n, 2)
+    teacher = hidden @ weight.T + b
+    ids = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(3))
+    ids[:3] = teacher[:3].argmax(-1)  # some rows sample the teacher's argmax
+    fed = student / torch.ones(m, dtype=torch.float64).index_copy(0, rows, temperature)[:, None] if prescaled \
+        else student
+    terms = chunked_clipped_forward_kl(fed, hidden, weight, lm_head_bias=b, temperature=temperature, chunk_size=4,
+                                       student_rows=rows, sampled_ids=ids, student_prescaled=prescaled)
+    logp_t = torch.log_softmax(teacher / temperature[:, None], -1)
+    logp_s = torch.log_softmax(student[rows] / temperature[:, None], -1)
+    torch.testing.assert_close(terms.teacher_logp_sampled, logp_t.gather(1, ids[:, None]).squeeze(1), **FP64)
+    torch.testing.assert_close(terms.student_logp_sampled, logp_s.gather(1, ids[:, None]).squeeze(1), **FP64)
+    expected_differs = (teacher.argmax(-1) != ids).double()
+    assert expected_differs[:3].eq(0).all() and expected_differs.eq(1).any()
+    torch.testing.assert_close(terms.teacher_argmax_differs, expected_differs, rtol=0, atol=0)
+    # The diagnostics change nothing else.
+    plain = chunked_clipped_forward_kl(fed, hidden, weight, lm_head_bias=b, temperature=temperature, chunk_size=4,
+                                       student_rows=rows, student_prescaled=prescaled)
+    for name in ("loss", "kl", "clipped_mass", "teacher_nonfinite"):
+        torch.testing.assert_close(getattr(terms, name), getattr(plain, name), rtol=0, atol=0)
+    assert not any(x.requires_grad for x in terms[4:])
+
+
+# ---------------------------------------------------------------- top-k approximation
+
+
+def ref_topk_loss(student, teacher, k, tau, clip, temperature):
+    """Hand-written float64 top-k + tail bucket: forward KL between the two coarsened distributions."""
+    p_s = torch.softmax(student.double() / _per_row(temperature), -1)
+    p_t = torch.softmax(teacher.double() / _per_row(temperature), -1)
+    idx = p_t.topk(k, -1).indices
+    coarse = lambda p: torch.cat([p.gather(1, idx), 1 - p.gather(1, idx).sum(-1, keepdim=True)], -1)  # noqa: E731
+    pt, ps = coarse(p_t), coarse(p_s)
+    d = torch.where(pt > 0, pt * (pt.log() - ps.log()), torch.zeros((), dtype=torch.float64))
+    if clip == "pointwise":
+        return torch.minimum(d, torch.full_like(d, tau)).sum(-1), d, pt
+    kl = d.sum(-1)
+    return (torch.minimum(kl, torch.full_like(kl, tau)) if clip == "token" else kl), d, pt
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+def test_topk_matches_coarsened_kl(clip):
+    n, v, h, k = 7, 40, 6, 5
+    student, hidden, weight, _ = make_chunked_inputs(12, n, v, h)
+    temperature = row_temperatures(n, 4)
+    s = student.clone().requires_grad_(True)
+    terms = chunked_clipped_forward_kl(s, hidden, weight, clip=clip, topk=k, chunk_size=3, temperature=temperature)
+    upstream = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (terms.loss * upstream).sum().backward()
+    s_ref = student.clone().requires_grad_(True)
+    expected, d, pt = ref_topk_loss(s_ref, hidden @ weight.T, k, TAU, clip, temperature)
+    (expected * upstream).sum().backward()
+    tol = dict(rtol=1e-9, atol=1e-12)  # the reference's 1 - sum(top) tail loses a few digits
+    torch.testing.assert_close(terms.loss, expected.detach(), **tol)
+    torch.testing.assert_close(s.grad, s_ref.grad, **tol)
+    torch.testing.assert_close(terms.kl, d.sum(-1).detach(), **tol)
+    torch.testing.assert_close(terms.clipped_mass, ref_clipped_mass(d, pt, clip).detach(), **tol)
+    if clip == "none":  # data-processing inequality: the coarse KL never exceeds the full one
+        assert (terms.kl <= ref_loss(student, hidden @ weight.T, TAU, "none", temperature) + 1e-12).all()
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+def test_topk_of_whole_vocabulary_is_exact(clip):
+    n, v, h = 6, 30, 5
+    student, hidden, weight, b = make_chunked_inputs(13, n, v, h, bias=True)
+    ids = torch.arange(n)
+    out = {}
+    for topk in (None, v):
+        s = student.clone().requires_grad_(True)
+        terms = chunked_clipped_forward_kl(s, hidden, weight, lm_head_bias=b, clip=clip, topk=topk, chunk_size=4,
+                                           temperature=0.8, sampled_ids=ids)
+        terms.loss.sum().backward()
+        out[topk] = (terms, s.grad)
+    for got, want in zip(out[v][0], out[None][0]):
+        torch.testing.assert_close(got, want, **FP64)
+    torch.testing.assert_close(out[v][1], out[None][1], **FP64)
+
+
+# ---------------------------------------------------------------- autograd behaviour
+
+
 def test_chunked_empty():
     s = torch.zeros(0, 11, requires_grad=True)
     terms = chunked_clipped_forward_kl(s, torch.zeros(0, 3), torch.randn(11, 3), chunk_size=4)
-    assert terms.loss.shape == terms.kl.shape == terms.clip_fraction.shape == (0,)
+    assert terms.loss.shape == terms.kl.shape == terms.clipped_mass.shape == terms.teacher_nonfinite.shape == (0,)
     terms.loss.sum().backward()
     assert s.grad.shape == (0, 11)
 
 
 @pytest.mark.parametrize("clip", CLIP_MODES)
-def test_chunked_gradcheck(clip):
+@pytest.mark.parametrize("topk", [None, 3])
+def test_chunked_gradient_against_finite_differences(clip, topk):
+    """Like torch.autograd.gradcheck, which cannot be used as is: it runs backward several times through one
+    graph, while the precomputed gradient is consumed by the first backward (one forward per row here)."""
     student, hidden, weight, b = make_chunked_inputs(8, 4, 6, 3, bias=True)
-    s = student.clone().requires_grad_(True)
     # token: tau between the rows' KLs, so both branches are checked.
     kl = ref_terms(student, hidden @ weight.T + b, 1.3)[1].sum(-1).sort().values
     tau = 0.05 if clip != "token" else float(kl[1] + kl[2]) / 2
     fn = lambda x: chunked_clipped_forward_kl(  # noqa: E731
-        x, hidden, weight, lm_head_bias=b, tau=tau, clip=clip, temperature=1.3, chunk_size=3
+        x, hidden, weight, lm_head_bias=b, tau=tau, clip=clip, temperature=1.3, chunk_size=3, topk=topk
     ).loss
-    assert torch.autograd.gradcheck(fn, (s,))
+    analytic = torch.stack([_row_grad(fn, student, i) for i in range(student.shape[0])])  # (rows, *student)
+    eps = 1e-6
+    numeric = torch.zeros_like(analytic)
+    flat = student.flatten()
+    for j in range(flat.numel()):
+        step = torch.zeros_like(flat)
+        step[j] = eps
+        numeric.view(student.shape[0], -1)[:, j] = (
+            fn((flat + step).view_as(student)) - fn((flat - step).view_as(student))
+        ) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+def _row_grad(fn, x, i):
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(x)[i], x)
+    return grad
+
+
+def test_gradient_only_when_needed():
+    student, hidden, weight, _ = make_chunked_inputs(14, 5, 20, 4)
+    s = student.clone().requires_grad_(True)
+    with torch.no_grad():
+        assert not chunked_clipped_forward_kl(s, hidden, weight).loss.requires_grad
+    assert not chunked_clipped_forward_kl(student, hidden, weight).loss.requires_grad
+    assert chunked_clipped_forward_kl(s, hidden, weight).loss.requires_grad
+
+
+def test_backward_twice_raises():
+    student, hidden, weight, _ = make_chunked_inputs(15, 5, 20, 4)
+    s = student.clone().requires_grad_(True)
+    loss = chunked_clipped_forward_kl(s, hidden, weight).loss.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_gradient_flows_through_a_non_leaf():
+    # verl's logits come out of the lm_head: the gradient must flow on, scaled by the upstream per row.
+    student, hidden, weight, _ = make_chunked_inputs(16, 6, 20, 4)
+    x = student.clone().requires_grad_(True)
+    up = torch.linspace(-1, 2, 6, dtype=torch.float64)
+    (chunked_clipped_forward_kl(x * 2.0, hidden, weight, chunk_size=4).loss * up).sum().backward()
+    x_ref = student.clone().requires_grad_(True)
+    (ref_loss(x_ref * 2.0, hidden @ weight.T, TAU, "pointwise", 1.0) * up).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **FP64)
 
 
 # ---------------------------------------------------------------- memory boundedness
@@ -291,13 +562,16 @@ class _OpSizes(TorchDispatchMode):
         return out
 
 
-def test_chunked_memory_is_bounded():
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_chunked_memory_is_bounded(student_dtype, with_rows):
     n, v, h, chunk = 64, 50, 16, 8
     bound = chunk * v  # only chunk-sized tensors (the float32 lm_head weight needs no cast)
     assert n * v > 3 * bound
     student, hidden, weight, b = (x.float() if x is not None else None for x in make_chunked_inputs(9, n, v, h))
-    for clip in CLIP_MODES:
-        s = student.clone().requires_grad_(True)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if with_rows else None
+    for clip, topk in itertools.product(CLIP_MODES, (None, 5)):
+        s = student.to(student_dtype, copy=True).requires_grad_(True)
         saved = []
 
         def pack(x):
@@ -305,15 +579,27 @@ def test_chunked_memory_is_bounded():
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), _OpSizes() as fwd:
-            loss = chunked_clipped_forward_kl(s, hidden, weight, clip=clip, chunk_size=chunk).loss
-        # Autograd keeps nothing of size N * V except the student logits themselves.
-        assert all(x.numel() < n * v or x is s for x in saved)
-        assert max(fwd.sizes) <= bound, max(fwd.sizes)
-        with _OpSizes() as bwd:
-            (grad,) = torch.autograd.grad(loss.sum(), s)
-        # Backward: exactly one (N, V) tensor (the preallocated gradient), everything else chunk-sized.
-        big = [x for x in bwd.sizes if x > bound]
+            terms = chunked_clipped_forward_kl(s, hidden, weight, clip=clip, chunk_size=chunk, student_rows=rows,
+                                               topk=topk)
+        # Autograd saves nothing of size N * V.
+        assert all(x.numel() < n * v for x in saved)
+        # Forward: exactly one (N, V) tensor (the gradient), everything else chunk-sized.
+        big = [x for x in fwd.sizes if x > bound]
         assert big == [n * v], big
+        buffer = terms.loss.grad_fn.grad_student
+        assert buffer.dtype == student_dtype and buffer.shape == (n, v)
+        buffer_ptr = buffer.data_ptr()
+        del buffer  # a reference held here would keep autograd from adopting the buffer
+        with _OpSizes() as bwd:
+            terms.loss.sum().backward()
+        # Backward allocates nothing big: it scales the buffer in place, and the leaf adopts it as .grad.
+        assert max(bwd.sizes, default=0) <= n, bwd.sizes
+        assert s.grad.data_ptr() == buffer_ptr
+
+    # No gradient wanted: no (N, V) tensor at all.
+    with torch.no_grad(), _OpSizes() as nograd:
+        chunked_clipped_forward_kl(s, hidden, weight, chunk_size=chunk, student_rows=rows)
+    assert max(nograd.sizes) <= bound
 
     # The probe is real: the plain reference does allocate (N, V) tensors in forward.
     with _OpSizes() as plain:
@@ -336,11 +622,14 @@ def test_bad_inputs_raise():
             clipped_forward_kl(s, t, tau=tau)
         with pytest.raises(ValueError, match="tau"):
             chunked_clipped_forward_kl(s, h, w, tau=tau)
-    for temperature in (0.0, -1.0):
+    for temperature in (0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0, 1.0]),
+                        torch.tensor([1.0, float("nan"), 1.0])):
         with pytest.raises(ValueError, match="temperature"):
             clipped_forward_kl(s, t, temperature=temperature)
         with pytest.raises(ValueError, match="temperature"):
             chunked_clipped_forward_kl(s, h, w, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_clipped_forward_kl(s, h, w, temperature=torch.ones(4))  # one per teacher row
     with pytest.raises(ValueError, match="shape"):
         clipped_forward_kl(s, torch.randn(3, 6))
     with pytest.raises(ValueError, match="shape"):
@@ -355,3 +644,9 @@ def test_bad_inputs_raise():
         chunked_clipped_forward_kl(s.unsqueeze(0), h, w)  # (1, N, V) must be flattened by the caller
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_clipped_forward_kl(s, h, w, chunk_size=0)
+    for ids in (torch.tensor([0, 1, 5]), torch.tensor([0, -1, 2]), torch.tensor([0.0, 1.0, 2.0]), torch.zeros(2)):
+        with pytest.raises(ValueError, match="sampled_ids"):
+            chunked_clipped_forward_kl(s, h, w, sampled_ids=ids)
+    for topk in (0, 6, 2.0, True):
+        with pytest.raises(ValueError, match="topk"):
+            chunked_clipped_forward_kl(s, h, w, topk=topk)

@@ -37,13 +37,22 @@ def test_recipe_composes_from_outside_the_repo(composed):
     assert composed["critic"]["enable"] is False
     assert composed["actor_rollout_ref"]["rollout"]["n"] >= 2
     assert composed["actor_rollout_ref"]["model"]["use_fused_kernels"] is False
+    # FSDP2: the teacher forward gathers the lm_head as a DTensor; the ref follows the actor's strategy
+    assert composed["actor_rollout_ref"]["actor"]["strategy"] == "fsdp2"
+    assert composed["actor_rollout_ref"]["ref"]["strategy"] == "${actor_rollout_ref.actor.strategy}"
     assert composed["ssopd"]["lambda"] == 1.0 and composed["ssopd"]["clip"] == "pointwise"
     # the worker's copy is an interpolation of the top-level block
     assert composed["actor_rollout_ref"]["ssopd"] == "${ssopd}"
 
 
 def test_overrides_of_ssopd_keys_take_effect(tmp_path):
-    cfg = compose(tmp_path, "ssopd.lambda=0", "ssopd.clip=token", "ssopd.witness_source=reference_solution")
+    # ssopd.teacher=initial composes: `--cfg job` runs no start-up check (its LoRA requirement is checked when a
+    # run starts, tests/test_startup_checks.py).
+    cfg = compose(
+        tmp_path, "ssopd.lambda=0", "ssopd.clip=token", "ssopd.witness_source=reference_solution",
+        "ssopd.teacher=initial",
+    )
+    assert cfg["ssopd"]["teacher"] == "initial"
     assert cfg["ssopd"]["lambda"] == 0
     assert cfg["ssopd"]["clip"] == "token"
     assert cfg["ssopd"]["witness_source"] == "reference_solution"

@@ -168,7 +168,9 @@ def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_mo
     engine.optimizer_zero_grad()
     with engine.eval_mode():
         out = loss_fn(student_logits=student[None], data=td)
-    assert set(out) == {"ssopd_loss", "ssopd_kl", "ssopd_clipfrac"}
+    from ssopd_verl.glue.actor_loss import DIAGNOSTICS, OUT_LOSS, OUT_NONFINITE
+
+    assert set(out) == {OUT_LOSS, OUT_NONFINITE, *DIAGNOSTICS}
     assert all(v.shape == (1, packed.shape[0]) for v in out.values())
     upstream = torch.rand(packed.shape[0])
     (out["ssopd_loss"][0] * upstream).sum().backward()
@@ -258,7 +260,85 @@ def test_one_actor_update_with_pairs(engine, groups, tokenizer):
         output = engine.train_batch(td, loss_function=actor_loss(cfg, engine))
     after = dict(engine.get_per_tensor_param()[0])
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    for key in ("ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clip_frac"):
+    for key in ("ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/teacher_logp_sampled"):
         value = _metric_sum(output, key)
         assert value == value and abs(value) < float("inf"), key
+    assert _metric_sum(output, "ssopd/distill_loss") > 0
+
+
+# ---------------------------------------------------------------- LoRA actor: live and initial teacher
+
+
+@pytest.fixture(scope="module")
+def lora_engine(model_path):
+    """A LoRA actor (rank 4, all linear layers but lm_head) whose adapters are random, not verl's zero init:
+    with lora_B = 0 the merged and base models would coincide and the test could not tell them apart."""
+    engine = new_engine(model_path, lora_rank=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            if "lora_" in name:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.copy_(torch.randn(local.shape, generator=gen) * 0.1)
+    return engine
+
+
+def _lora_reference(model_path, engine, merged: bool):
+    """A plain transformers model: the base checkpoint, or it with the engine's adapters merged (peft)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if not merged:
+        return model
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    adapters = {n: p.full_tensor() for n, p in engine.module.named_parameters() if "lora_" in n}
+    missing = set(adapters) - set(dict(peft.named_parameters()))
+    assert not missing, missing
+    peft.load_state_dict(adapters, strict=False)
+    return peft.merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("teacher", ["live", "initial"])
+def test_lora_teacher_states_equal_merged_or_base_model(lora_engine, model_path, groups, tokenizer, teacher):
+    from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight
+
+    plan = plan_for(groups, tokenizer, SSOPDConfig(teacher=teacher))
+    td = make_batch(groups, plan, lora_engine)
+    sequences = [torch.tensor(plan.teacher_ids[i]) for i, w in enumerate(plan.weight) if w > 0]
+    with lora_engine.eval_mode():
+        states, starts = TeacherForward(lora_engine, adapters=teacher == "live").hidden_states(sequences, td)
+        weight = lm_head_weight(lora_engine.module)
+    reference = _lora_reference(model_path, lora_engine, merged=teacher == "live")
+    other = _lora_reference(model_path, lora_engine, merged=teacher != "live")
+    for seq, start in zip(sequences, starts.tolist()):
+        got = torch.log_softmax(states[start : start + len(seq)] @ weight.T, dim=-1)
+        with torch.no_grad():
+            want = torch.log_softmax(reference(input_ids=seq[None]).logits[0], dim=-1)
+            wrong = torch.log_softmax(other(input_ids=seq[None]).logits[0], dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert (got - wrong).abs().max() > 1e-2  # the adapters matter: the test can tell the two apart
+
+
+def test_initial_teacher_refuses_a_full_fine_tuning_actor(engine):
+    from ssopd_verl.glue.teacher_forward import TeacherForward
+
+    with pytest.raises(ValueError, match="lora_rank"):
+        TeacherForward(engine, adapters=False)
+
+
+@pytest.mark.parametrize("teacher", ["live", "initial"])
+def test_lora_update_changes_only_adapters(model_path, groups, tokenizer, teacher):
+    from ssopd_verl.glue.actor_loss import mark_for_distillation
+
+    engine = new_engine(model_path, lora_rank=4, lora_alpha=8)
+    cfg = SSOPDConfig(teacher=teacher)
+    td = make_batch(groups, plan_for(groups, tokenizer, cfg), engine)
+    mark_for_distillation(td, cfg)
+    before = {n: p.full_tensor().clone() for n, p in engine.module.named_parameters()}
+    with engine.train_mode():
+        output = engine.train_batch(td, loss_function=actor_loss(cfg, engine))
+    after = {n: p.full_tensor() for n, p in engine.module.named_parameters()}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
     assert _metric_sum(output, "ssopd/distill_loss") > 0

@@ -23,6 +23,7 @@ for the loss proper. Nothing of verl is patched: the function is installed with 
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -41,8 +42,17 @@ TEACHER_IDS = "ssopd_teacher_ids"  # nested int64: teacher prompt + target respo
 TEACHER_PROMPT_LEN = "ssopd_teacher_prompt_len"  # int64 (B,)
 ROW_WEIGHT = "ssopd_weight"  # float32 (B,): w(p) * target share; 0 = no distillation on this row
 
-# Per-position outputs of the logits hook, nested per row by the engine.
-OUT_LOSS, OUT_KL, OUT_CLIP = "ssopd_loss", "ssopd_kl", "ssopd_clipfrac"
+# Per-position outputs of the logits hook, nested per row by the engine (0 outside the distilled positions).
+OUT_LOSS = "ssopd_loss"  # the clipped forward KL l[t] (with grad)
+# Diagnostics, each reported as the token mean over the distilled positions under `ssopd/<name>`:
+DIAGNOSTICS = {
+    "ssopd_kl": "kl_unclipped",  # sum_v d[t, v] before clipping
+    "ssopd_clipped_mass": "clipped_teacher_mass",  # teacher probability mass in clipped entries
+    "ssopd_teacher_logp": "teacher_logp_sampled",  # log p_T of the token the student sampled
+    "ssopd_student_logp": "student_logp_sampled",  # log p_S of that token
+    "ssopd_argmax_differs": "teacher_argmax_differs",  # 1 where the teacher's argmax is another token
+}
+OUT_NONFINITE = "ssopd_teacher_nonfinite"  # 1 at positions whose teacher logits were NaN/inf (masked out)
 
 
 def mark_for_distillation(data: TensorDict, ssopd: SSOPDConfig) -> None:
@@ -63,7 +73,8 @@ class SSOPDActorLoss:
         self.base_loss = base_loss  # functools.partial(verl ppo_loss, config=actor_config)
         self.ssopd = ssopd
         self.rollout_n = rollout_n
-        self.teacher = TeacherForward(engine) if engine is not None else None
+        self.teacher = TeacherForward(engine, adapters=ssopd.teacher == "live") if engine is not None else None
+        self._teacher_seconds = 0.0  # teacher forward + loss time since the last loss call (timing metric)
 
     def __call__(self, model_output=None, data: TensorDict = None, dp_group=None, student_logits=None):
         if student_logits is not None:
@@ -74,11 +85,11 @@ class SSOPDActorLoss:
     def logits_hook(self, student_logits: torch.Tensor, data: TensorDict) -> dict[str, torch.Tensor]:
         if self.teacher is None:
             raise RuntimeError("SSOPDActorLoss needs the actor engine for the teacher forward (pass engine=)")
+        started = time.perf_counter()
         logits = student_logits.squeeze(0)  # (N, V), divided by temperature, with grad
         num_positions = logits.shape[0]
         seq_lens = data["input_ids"].offsets().diff().cpu()
         prompt_lens = data["prompts"].offsets().diff().cpu()
-        resp_lens = data["responses"].offsets().diff().cpu()
         weights = data[ROW_WEIGHT].float().cpu()
         rows = torch.nonzero(weights > 0).flatten().tolist()
 
@@ -86,42 +97,61 @@ class SSOPDActorLoss:
         # collectives under FSDP2. A micro-batch without targets runs a one-token dummy.
         teacher_seqs = [data[TEACHER_IDS][r] for r in rows] or [data["input_ids"][0][:1]]
         states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data)
-        weight = lm_head_weight(self.teacher.engine.module)
+        # The student's logits come from the lm_head in the forward's compute dtype (bf16 under verl's mixed
+        # precision): project the teacher's states with the same weight in the same dtype, so that a teacher
+        # with the student's own context gives a KL of 0, not a precision bias on every token.
+        weight = lm_head_weight(self.teacher.engine.module).to(states.dtype)
 
         zeros = logits.new_zeros(num_positions, dtype=torch.float32)
         if not rows:
             # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
             loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
-            return {OUT_LOSS: loss.unsqueeze(0), OUT_KL: zeros.unsqueeze(0), OUT_CLIP: zeros.unsqueeze(0)}
+            self._teacher_seconds += time.perf_counter() - started
+            return {OUT_LOSS: loss.unsqueeze(0), OUT_NONFINITE: zeros.unsqueeze(0)} | {
+                key: zeros.unsqueeze(0) for key in DIAGNOSTICS
+            }
 
         seq_starts = torch.cumsum(seq_lens, 0) - seq_lens
         index = torch.tensor(rows)
-        student_pos = response_logit_positions(seq_starts[index], prompt_lens[index], resp_lens[index])
-        teacher_pos = response_logit_positions(teacher_starts, data[TEACHER_PROMPT_LEN].cpu()[index], resp_lens[index])
+        # The distilled positions: the target tokens in the teacher sequence (all of the response, or its first
+        # ssopd.max_distill_tokens; the trainer put only those there).
+        teacher_prompt_lens = data[TEACHER_PROMPT_LEN].cpu()[index]
+        distilled = torch.tensor([len(seq) for seq in teacher_seqs]) - teacher_prompt_lens
+        student_pos = response_logit_positions(seq_starts[index], prompt_lens[index], distilled)
+        teacher_pos = response_logit_positions(teacher_starts, teacher_prompt_lens, distilled)
         device = logits.device
         student_pos, teacher_pos = student_pos.to(device), teacher_pos.to(device)
+        # The token each distilled position predicts: the next input id of the student's sequence.
+        sampled = data["input_ids"].values()[student_pos + 1]
 
-        # Same temperature on both sides: the engine divided the student logits by the row's temperature;
-        # dividing the teacher's hidden states by it divides its logits by it (the projection is linear).
+        # Same temperature on both sides: the engine divided the student logits by the row's temperature.
         temperature = _row_temperature(data, len(seq_lens)).to(device)
-        token_temperature = torch.repeat_interleave(temperature[index.to(device)], resp_lens[index].to(device))
-        teacher_hidden = states[teacher_pos].float() / token_temperature.unsqueeze(-1)
+        token_temperature = torch.repeat_interleave(temperature[index.to(device)], distilled.to(device))
 
         terms = chunked_clipped_forward_kl(
-            logits,  # the whole micro-batch; only the target rows' response positions are read (student_rows)
-            teacher_hidden,
+            logits,  # the whole micro-batch; only the target rows' distilled positions are read (student_rows)
+            states[teacher_pos],
             weight,
             tau=self.ssopd.tau,
             clip=self.ssopd.clip,
-            temperature=1.0,
+            temperature=token_temperature,
             student_prescaled=True,
             chunk_size=self.ssopd.chunk_size,
             student_rows=student_pos,
+            sampled_ids=sampled,
         )
-        loss = zeros.index_put((student_pos,), terms.loss.float())
-        kl = zeros.detach().index_put((student_pos,), terms.kl.float())
-        clip = zeros.detach().index_put((student_pos,), terms.clip_fraction.float())
-        return {OUT_LOSS: loss.unsqueeze(0), OUT_KL: kl.unsqueeze(0), OUT_CLIP: clip.unsqueeze(0)}
+        place = lambda values: zeros.detach().index_put((student_pos,), values.detach().float())  # noqa: E731
+        out = {
+            OUT_LOSS: zeros.index_put((student_pos,), terms.loss.float()),
+            "ssopd_kl": place(terms.kl),
+            "ssopd_clipped_mass": place(terms.clipped_mass),
+            "ssopd_teacher_logp": place(terms.teacher_logp_sampled),
+            "ssopd_student_logp": place(terms.student_logp_sampled),
+            "ssopd_argmax_differs": place(terms.teacher_argmax_differs),
+            OUT_NONFINITE: place(terms.teacher_nonfinite),
+        }
+        self._teacher_seconds += time.perf_counter() - started
+        return {key: value.unsqueeze(0) for key, value in out.items()}
 
     # ---- second call: the loss ----------------------------------------------------------------------------------
     def loss(self, model_output, data: TensorDict, dp_group=None):
@@ -136,8 +166,13 @@ class SSOPDActorLoss:
 
         per_token = no_padding_2_padding(model_output[OUT_LOSS], data)  # (b, R), aligned with response_mask
         mask = _padded(data, "response_mask").to(per_token.dtype)
+        # L_g is the token mean over the distilled positions: the first `distilled` response tokens of the row
+        # (its whole response, or the first ssopd.max_distill_tokens of it).
+        distilled = data[TEACHER_IDS].offsets().diff().to(mask.device) - data[TEACHER_PROMPT_LEN].to(mask.device)
+        positions = torch.arange(mask.shape[-1], device=mask.device)
+        mask = mask * (positions[None, :] < distilled[:, None]).to(mask.dtype)
         tokens = mask.sum(-1).clamp(min=1)
-        per_row = (per_token * mask).sum(-1) / tokens  # L for each row (token mean over its response)
+        per_row = (per_token * mask).sum(-1) / tokens  # L for each row
         weights = data[ROW_WEIGHT].to(per_row.device, per_row.dtype)
 
         global_batch_size = data["global_batch_size"]
@@ -152,12 +187,16 @@ class SSOPDActorLoss:
         with torch.no_grad():
             # Same normalisation and aggregation (SUM over micro-batches) as verl's actor/pg_loss metric.
             metrics["ssopd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
+            metrics["ssopd/teacher_time_s"] = Metric(value=self._teacher_seconds, aggregation=AggregationType.SUM)
+            self._teacher_seconds = 0.0
             if bool(is_target.any()):
                 target_mask = mask * is_target.unsqueeze(-1).to(mask.dtype)
-                denom = target_mask.sum()
-                for name, key in (("kl_unclipped", OUT_KL), ("clip_frac", OUT_CLIP)):
+                denom = target_mask.sum().clamp(min=1)
+                for key, name in DIAGNOSTICS.items():
                     value = (no_padding_2_padding(model_output[key], data) * target_mask).sum() / denom
                     metrics[f"ssopd/{name}"] = Metric(value=value, aggregation=AggregationType.MEAN)
+                nonfinite = (no_padding_2_padding(model_output[OUT_NONFINITE], data) * target_mask).sum()
+                metrics["ssopd/teacher_nonfinite"] = Metric(value=nonfinite, aggregation=AggregationType.SUM)
         return policy_loss + self.ssopd.lam * distill, metrics
 
 

@@ -1,20 +1,51 @@
 """Start-up checks: a config SSOPD cannot run is refused before any worker or rollout starts, naming the key.
 
-`check_config` runs in `SSOPDTrainer.__init__`, i.e. in verl's TaskRunner before the trainer builds its worker
-groups, so a bad value costs seconds, not a validation pass and a rollout.
+A Qwen3 run with 16k-token responses spends a validation pass and a full rollout before its first actor update,
+so every setting that would fail (or silently do nothing) there is refused here, with the key, the value and
+what to do. `check_config` runs at two points, both before Ray starts any worker:
+
+* in the driver, from the Hydra callback `StartupCheck` that the recipe overlay installs
+  (`hydra.callbacks.ssopd_startup_check`). Hydra calls `on_job_start` after composing the config and before it
+  calls verl's `main()`: before `validate_config`, before `ray.init`, on verl's v1 *and* legacy path. It is the
+  only hook that sees `trainer.use_v1=false`: the legacy `RayPPOTrainer` never builds `SSOPDTrainer`, so without
+  it SSOPD would be silently off. Hydra turns an exception in a callback into a warning, so a refusal leaves as
+  `SystemExit` (exit status 1, the message on stderr). `--cfg job` composes without running any callback.
+* in `SSOPDTrainer.__init__` (verl's TaskRunner, before the trainer builds its worker groups), for entry points
+  that do not go through Hydra's `main`.
+
+Warnings (the teacher context may not fit) come from the second call only, and again from the trainer once it
+knows the model's `max_position_embeddings` (`warn_if_teacher_may_not_fit`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.glue import estimator
 
+logger = logging.getLogger(__name__)
 
-def check_config(config) -> SSOPDConfig:
-    """Fail at start-up, with the key to change, on a config that cannot run SSOPD."""
+STRATEGY = "fsdp2"
+ULYSSES_KEYS = (
+    "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",  # verl 0.9.1's key
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size",  # deprecated; verl copies it into fsdp_config
+)
+# Rows of each training file read for witness_source=reference_solution.
+SOLUTION_ROWS = 8
+_PLACEHOLDER = re.compile(r"\{(problem|witness)\}")
+
+
+def check_config(config, *, warn: bool = True) -> SSOPDConfig:
+    """Fail at start-up, with the key to change, on a config that cannot run SSOPD. Returns the typed block."""
     ssopd = SSOPDConfig.from_mapping(plain(config.get("ssopd", None)))
+    _check_trainer_path(config)
     if config.algorithm.adv_estimator != estimator.NAME:
         raise ValueError(
             f"trainer.v1.trainer_mode=ssopd pairs completions from the ssopd advantage estimator: set "
@@ -30,12 +61,208 @@ def check_config(config) -> SSOPDConfig:
         raise ValueError(f"SSOPD needs groups: actor_rollout_ref.rollout.n must be >= 2, got {n}")
     if ssopd.enabled and config.actor_rollout_ref.model.get("use_fused_kernels", False):
         raise ValueError("SSOPD reads the full student logits: set actor_rollout_ref.model.use_fused_kernels=false")
-    if ssopd.enabled and config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) > 1:
-        raise ValueError("SSOPD does not support Ulysses sequence parallelism yet (teacher positions are shard-local)")
+    _check_strategy(config)
+    if ssopd.enabled:
+        _check_ulysses(config)
+        _check_teacher(config, ssopd)
     if config.actor_rollout_ref.get("ssopd", None) is None:
         raise ValueError("actor_rollout_ref.ssopd is missing: the recipe overlay sets it to ${ssopd}")
+    _check_teacher_length(config, ssopd, warn=warn)
+    if ssopd.witness_source == "reference_solution":
+        check_reference_solutions(config, ssopd)
     return ssopd
 
+
+class StartupCheck(Callback):
+    """Hydra callback (installed by the recipe overlay): `check_config` in the driver, before verl's `main()`."""
+
+    def on_job_start(self, config, **kwargs: Any) -> None:
+        try:
+            check_config(config, warn=False)
+        except ValueError as error:
+            # Hydra reports an Exception raised by a callback as a warning and goes on; SystemExit ends the run.
+            raise SystemExit(f"ssopd-verl: refusing to start: {error}") from None
+
+
+# ---- the trainer that runs ---------------------------------------------------------------------------------------
+def _check_trainer_path(config) -> None:
+    if not config.trainer.get("use_v1", True):
+        raise ValueError(
+            "trainer.use_v1=false selects verl's legacy RayPPOTrainer (main_ppo_v0), which never runs the SSOPD "
+            "trainer (trainer.v1.trainer_mode=ssopd): the run would train plain GRPO with SSOPD silently off. "
+            "Remove the override (trainer.use_v1=true is verl 0.9.1's default); for plain GRPO through the same "
+            "path use ssopd.lambda=0."
+        )
+    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default=None)
+    if mode != "ssopd":
+        raise ValueError(
+            f"trainer.v1.trainer_mode={mode}: SSOPD runs as trainer mode ssopd (set by +recipe=ssopd); any other "
+            f"mode trains without the pairing step, SSOPD silently off. Remove the override; for plain GRPO "
+            f"through the same path use ssopd.lambda=0."
+        )
+
+
+# ---- the actor engine --------------------------------------------------------------------------------------------
+def _check_strategy(config) -> None:
+    strategy = config.actor_rollout_ref.actor.get("strategy", None)
+    if strategy == STRATEGY:
+        return
+    why = {
+        "fsdp": "FSDP1 is not supported: the teacher forward inside the actor update gathers the lm_head weight as "
+        "an FSDP2 DTensor (full_tensor()), and FSDP1 cannot be tested on CPU (it refuses CPU parameters)",
+        "megatron": "Megatron is not supported: the teacher forward runs inside verl's FSDP2 engine (its logits "
+        "hook and the lm_head gather); there is no Megatron implementation",
+    }.get(strategy, "only verl's FSDP2 engine runs the SSOPD teacher forward")
+    raise ValueError(
+        f"actor_rollout_ref.actor.strategy={strategy}: {why}. Set actor_rollout_ref.actor.strategy=fsdp2 (the "
+        f"recipe's default; actor_rollout_ref.ref.strategy follows it)."
+    )
+
+
+def _check_ulysses(config) -> None:
+    # Only the actor: the teacher forward runs in the actor update. The ref computes only the reference
+    # log-probs, with verl's own code, which supports Ulysses.
+    for key in ULYSSES_KEYS:
+        size = OmegaConf.select(config, key, default=1)
+        if size is not None and size != 1:
+            raise ValueError(
+                f"{key}={size}: SSOPD does not support Ulysses sequence parallelism (the teacher forward inside the "
+                f"actor update sees shard-local student positions). Set {key}=1; for long responses use dynamic "
+                f"batching (actor_rollout_ref.actor.use_dynamic_bsz), gradient checkpointing and offloading. "
+                f"(ssopd.lambda=0, plain GRPO, runs with Ulysses.)"
+            )
+
+
+def _check_teacher(config, ssopd: SSOPDConfig) -> None:
+    if ssopd.teacher != "initial":
+        return
+    lora_rank = config.actor_rollout_ref.model.get("lora_rank", 0) or 0
+    if lora_rank > 0:
+        return
+    raise ValueError(
+        f"ssopd.teacher=initial with full fine-tuning (actor_rollout_ref.model.lora_rank={lora_rank}): the frozen "
+        f"initial teacher is supported with a LoRA actor (the base model with adapters disabled). Set "
+        f"actor_rollout_ref.model.lora_rank>0 or use ssopd.teacher=live. (lora_adapter_path alone is not enough: "
+        f"verl's FSDP2 engine builds adapters only when lora_rank>0. An exact full-vocabulary frozen copy of a fully "
+        f"fine-tuned model would need a second full model resident in the actor update: not supported in this "
+        f"release.)"
+    )
+
+
+# ---- teacher sequence length -------------------------------------------------------------------------------------
+def _check_teacher_length(config, ssopd: SSOPDConfig, *, warn: bool) -> None:
+    limit = ssopd.max_teacher_length
+    if limit is None:  # the model's max_position_embeddings: known once the trainer reads the model config
+        return
+    prompt, response = _student_lengths(config)
+    if prompt is None or response is None:
+        return
+    if limit < prompt + response:
+        raise ValueError(
+            f"ssopd.max_teacher_length={limit} is shorter than the student's sequence, data.max_prompt_length + "
+            f"data.max_response_length = {prompt} + {response} = {prompt + response}: the teacher sequence holds "
+            f"the student's prompt and response plus the template and the witness. Set ssopd.max_teacher_length >= "
+            f"{prompt + response} plus room for the template and the witness, or null (the model's "
+            f"max_position_embeddings)."
+        )
+    if warn:
+        warn_if_teacher_may_not_fit(ssopd, config, limit)
+
+
+def warn_if_teacher_may_not_fit(ssopd: SSOPDConfig, config, max_teacher_length: Optional[int], tokenizer=None):
+    """Log a warning when prompt + response + the teacher template's own tokens can exceed the teacher's limit.
+
+    max_teacher_length: `ssopd.max_teacher_length`, or the model's `max_position_embeddings` when that is null.
+    The template's tokens: with a tokenizer, `ssopd.template` with empty problem and witness, encoded; without
+    one, its UTF-8 byte count, an upper bound for byte-level BPE tokenizers (Qwen's; about 4x the real count for
+    the default English template). Such targets are skipped at run time and counted (`ssopd/targets_skipped`).
+    Returns the message, or None when everything fits.
+    """
+    if max_teacher_length is None:
+        return None
+    prompt, response = _student_lengths(config)
+    if prompt is None or response is None:
+        return None
+    template, how = template_tokens(ssopd.template, tokenizer)
+    need = prompt + response + template
+    if need <= max_teacher_length:
+        return None
+    source = (
+        f"ssopd.max_teacher_length={max_teacher_length}"
+        if ssopd.max_teacher_length is not None
+        else f"the model's max_position_embeddings={max_teacher_length} (ssopd.max_teacher_length=null)"
+    )
+    message = (
+        f"ssopd: a teacher sequence can exceed {source}: data.max_prompt_length ({prompt}) + "
+        f"data.max_response_length ({response}) + the teacher template's own tokens ({template}, {how}) = {need}. "
+        f"A target whose teacher sequence does not fit even with an empty witness is skipped and counted "
+        f"(ssopd/targets_skipped); long ones get a shortened witness. Raise ssopd.max_teacher_length or lower "
+        f"data.max_response_length."
+    )
+    logger.warning(message)
+    return message
+
+
+def template_tokens(template: str, tokenizer=None) -> tuple[int, str]:
+    """Tokens of the teacher template's own text (problem and witness empty), and how they were counted."""
+    text = _PLACEHOLDER.sub("", template)
+    if tokenizer is not None:
+        return len(tokenizer.encode(text, add_special_tokens=False)), "tokenized"
+    return len(text.encode("utf-8")), "upper bound: UTF-8 bytes"
+
+
+def _student_lengths(config) -> tuple[Optional[int], Optional[int]]:
+    data = config.get("data", None)
+    if data is None:
+        return None, None
+    return data.get("max_prompt_length", None), data.get("max_response_length", None)
+
+
+# ---- reference solutions (witness_source=reference_solution) ------------------------------------------------------
+def check_reference_solutions(config, ssopd: SSOPDConfig, rows: int = SOLUTION_ROWS) -> None:
+    """The first `rows` rows of each local parquet file in `data.train_files` must hold a non-empty string under
+    `ssopd.reference_solution_key` (dotted: `extra_info.solution` = column `extra_info`, field `solution`).
+
+    Files that are not local parquet files (hdfs://, other formats, missing) are skipped with a warning: verl
+    reports a missing file itself when it loads the data."""
+    files = plain(config.data.get("train_files", None))
+    files = [files] if isinstance(files, str) else list(files or [])
+    key = ssopd.reference_solution_key
+    root, *path = key.split(".")
+    fix = (
+        "Use a training set with reference solutions (scripts/prepare_data.py openthoughts or math writes them "
+        "to extra_info.solution), point ssopd.reference_solution_key at the field that holds them, or use "
+        "ssopd.witness_source=shortest_correct."
+    )
+    for name in files:
+        local = os.path.expanduser(str(name))
+        if "://" in local or not os.path.isfile(local) or not local.endswith(".parquet"):
+            logger.warning(
+                "ssopd: cannot check %s for reference solutions (%s) before the run: not a local parquet file",
+                name, key,
+            )
+            continue
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(local)
+        columns = parquet.schema_arrow.names
+        if root not in columns:
+            raise ValueError(
+                f"ssopd.witness_source=reference_solution reads each prompt's witness from "
+                f"ssopd.reference_solution_key={key}, but data.train_files {name} has no column {root!r} "
+                f"(columns: {columns}). {fix}"
+            )
+        batch = next(parquet.iter_batches(batch_size=rows, columns=[root]), None)
+        for row, value in enumerate(batch.column(0).to_pylist() if batch is not None else []):
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise ValueError(
+                    f"ssopd.witness_source=reference_solution reads each prompt's witness from "
+                    f"ssopd.reference_solution_key={key}, but row {row} of data.train_files {name} has "
+                    f"{shown} there, not a non-empty string. {fix}"
+                )
 
 
 def plain(value):

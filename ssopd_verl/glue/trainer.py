@@ -9,6 +9,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
   to the batch (`distill_plan.plan_distillation`). This runs after `_balance_batch`, so the rows verl pads and
   reorders already carry their final fields; padding rows get weight 0.
 * `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`.
+* `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
+  `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
 """
 
@@ -29,11 +31,12 @@ from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+from ssopd_verl import console
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.distill_plan import plan_distillation
 from ssopd_verl.glue import estimator
 from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
-from ssopd_verl.glue.checks import check_config, plain as _plain
+from ssopd_verl.glue.checks import check_config, plain as _plain, warn_if_teacher_may_not_fit
 from ssopd_verl.glue.worker import SSOPDActorRolloutRefWorker
 
 TRAINER_MODE = "ssopd"
@@ -66,6 +69,8 @@ class SSOPDTrainer(PPOTrainerSync):
 
             hf_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.model).hf_config
             self.max_teacher_length = getattr(hf_config, "max_position_embeddings", None)
+            if self.max_teacher_length is not None:
+                warn_if_teacher_may_not_fit(self.ssopd, self.config, self.max_teacher_length, tokenizer=self.tokenizer)
 
     def fit(self, agent_loop_manager):
         keep_previous_tracker_file(self.config.trainer)
@@ -82,13 +87,34 @@ class SSOPDTrainer(PPOTrainerSync):
             metrics[key[len("actor/") :]] = metrics.pop(key)
         return batch
 
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        # The worker sums the teacher forward + loss time over its micro-batches (rank 0's, like verl's timings).
+        teacher = metrics.pop("ssopd/teacher_time_s", None)
+        if teacher is not None:
+            metrics["timing_s/ssopd_teacher"] = float(teacher)
+            update = metrics.get("timing_s/update_actor")
+            if update:
+                metrics["ssopd/teacher_time_share"] = float(teacher) / float(update)
+        print(console.step_line(metrics, global_steps, self.total_training_steps), flush=True)
+
+    def on_train_begin(self):
+        super().on_train_begin()
+        self._training = True
+
+    def _validate(self, *args, **kwargs):
+        val_metrics = super()._validate(*args, **kwargs)
+        if not getattr(self, "_training", False):  # before training; later ones are in the step's line
+            print(console.validation_line(val_metrics, self.global_steps), flush=True)
+        return val_metrics
+
     def _plan_distillation(self, batch, metrics):
         """Pair the batch's frontier groups; returns the batch meta, extended with the SSOPD fields."""
         grouped = estimator.ssopd_advantage.take()
         if any(not key.endswith("_0") for key in batch.keys):
             # verl keys rows {uid}_{session}_{output index}; index > 0 means a multi-output agent loop.
             raise NotImplementedError("SSOPD pairs single-turn completions; this batch has multi-output sessions")
-        fields = ["uid", "responses", "raw_prompt"]
+        fields = ["uid", "prompts", "responses", "raw_prompt"]
         if self.ssopd.witness_source == "reference_solution":
             fields.append(self.ssopd.reference_solution_key.split(".")[0])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -116,6 +142,10 @@ class SSOPDTrainer(PPOTrainerSync):
             rng=rng,
         )
         metrics.update(plan.metrics)
+        prompts = data["prompts"]
+        student_tokens = sum(len(prompts[i]) + len(response_ids[i]) for i in range(len(uids)))
+        teacher_tokens = sum(len(ids) for ids in plan.teacher_ids)
+        metrics["ssopd/teacher_tokens_per_token"] = teacher_tokens / max(student_tokens, 1)
         if not self.ssopd.enabled:
             return batch  # lambda = 0: plain GRPO, nothing for the worker to read
 

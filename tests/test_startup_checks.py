@@ -1,0 +1,238 @@
+"""Settings SSOPD cannot run are refused at start-up, naming the key, before any worker or rollout starts.
+
+In-process: the recipe overlay composed once by Hydra (verl's `ppo_trainer` + `+recipe=ssopd`), then each bad
+setting applied as Hydra parses it from the command line, then `check_config`. Subprocess: three real
+`python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default <bad>` runs exit non-zero within
+seconds, naming the key, without starting Ray (verl prints "ray init kwargs" just before `ray.init`), a
+validation pass or a training step: the recipe's Hydra callback refuses them before verl's `main()` runs.
+"""
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.glue.checks import check_config, template_tokens, warn_if_teacher_may_not_fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def good():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=["+recipe=ssopd"])
+    assert check_config(cfg).enabled
+    return cfg
+
+
+def config_with(good, *overrides):
+    """The composed config with command-line overrides applied, each value parsed as Hydra parses it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = copy.deepcopy(good)
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
+    return cfg
+
+
+def refused(good, *overrides) -> str:
+    with pytest.raises(ValueError) as error:
+        check_config(config_with(good, *overrides))
+    return str(error.value)
+
+
+# ---- verl settings ----------------------------------------------------------------------------------------------
+def test_overlay_selects_fsdp2_for_actor_and_ref(good):
+    assert good.actor_rollout_ref.actor.strategy == "fsdp2"
+    assert good.actor_rollout_ref.ref.strategy == "fsdp2"  # verl: ${actor_rollout_ref.actor.strategy}
+
+
+@pytest.mark.parametrize("strategy, why", [("fsdp", "FSDP1"), ("megatron", "Megatron")])
+def test_strategy_other_than_fsdp2_is_refused(good, strategy, why):
+    message = refused(good, f"actor_rollout_ref.actor.strategy={strategy}")
+    assert f"actor_rollout_ref.actor.strategy={strategy}:" in message and why in message
+    assert "actor_rollout_ref.actor.strategy=fsdp2" in message
+
+
+def test_ulysses_through_verls_current_key_is_refused(good):
+    key = "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size"
+    message = refused(good, f"{key}=2")
+    assert f"{key}=2" in message and "Ulysses" in message
+    # plain GRPO through the same path runs no teacher forward
+    check_config(config_with(good, f"{key}=2", "ssopd.lambda=0"))
+
+
+def test_legacy_trainer_is_refused(good):
+    message = refused(good, "trainer.use_v1=false")
+    assert "trainer.use_v1=false" in message and "silently off" in message
+
+
+def test_other_trainer_mode_is_refused(good):
+    assert "trainer.v1.trainer_mode=sync" in refused(good, "trainer.v1.trainer_mode=sync")
+
+
+def test_initial_teacher_needs_a_lora_actor(good):
+    message = refused(good, "ssopd.teacher=initial")
+    assert "ssopd.teacher=initial" in message and "actor_rollout_ref.model.lora_rank>0" in message
+    assert "ssopd.teacher=live" in message
+    assert check_config(config_with(good, "ssopd.teacher=initial", "actor_rollout_ref.model.lora_rank=8")).teacher == (
+        "initial"
+    )
+
+
+# ---- teacher length -------------------------------------------------------------------------------------------
+def test_teacher_shorter_than_the_student_sequence_is_refused(good):
+    message = refused(good, "data.max_prompt_length=512", "data.max_response_length=1024", "ssopd.max_teacher_length=1500")
+    assert "ssopd.max_teacher_length=1500" in message and "512 + 1024 = 1536" in message
+
+
+def test_teacher_without_room_for_the_template_warns(good, caplog):
+    lengths = ("data.max_prompt_length=512", "data.max_response_length=1024")
+    with caplog.at_level(logging.WARNING, logger="ssopd_verl.glue.checks"):
+        check_config(config_with(good, *lengths, "ssopd.max_teacher_length=1600"))
+    assert "ssopd.max_teacher_length=1600" in caplog.text and "data.max_response_length (1024)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ssopd_verl.glue.checks"):
+        check_config(config_with(good, *lengths, "ssopd.max_teacher_length=8192"))
+    assert caplog.text == ""
+
+
+def test_trainer_side_warning_counts_template_tokens_with_the_tokenizer(good, qwen_tokenizer):
+    ssopd = SSOPDConfig()
+    exact, how = template_tokens(ssopd.template, qwen_tokenizer)
+    bound, _ = template_tokens(ssopd.template)
+    assert how == "tokenized" and 40 < exact < bound  # the byte count is a safe upper bound
+    cfg = config_with(good, "data.max_prompt_length=512", "data.max_response_length=1024")
+    # ssopd.max_teacher_length=null: the limit is the model's max_position_embeddings, named as such
+    message = warn_if_teacher_may_not_fit(ssopd, cfg, 1536 + exact - 1, tokenizer=qwen_tokenizer)
+    assert "max_position_embeddings=" in message and "data.max_response_length (1024)" in message
+    assert warn_if_teacher_may_not_fit(ssopd, cfg, 1536 + exact, tokenizer=qwen_tokenizer) is None
+
+
+# ---- reference solutions --------------------------------------------------------------------------------------
+def _parquet(path, extra_info):
+    pq.write_table(pa.table({"prompt": ["q"] * len(extra_info), "extra_info": extra_info}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra_info, what",
+    [
+        ([{"split": "train", "index": 0}], "has None there"),
+        ([{"solution": "x = 1"}] * 3 + [{"solution": ""}], "row 3"),
+    ],
+    ids=["no-solution-field", "empty-solution"],
+)
+def test_reference_solution_witness_needs_solutions_in_the_data(good, tmp_path, extra_info, what):
+    good_file = _parquet(tmp_path / "with.parquet", [{"solution": "x = 1"}] * 10)
+    bad_file = _parquet(tmp_path / "without.parquet", extra_info)
+    source = "ssopd.witness_source=reference_solution"
+    assert check_config(config_with(good, source, f"data.train_files=['{good_file}']")).witness_source == (
+        "reference_solution"
+    )
+    message = refused(good, source, f"data.train_files=['{good_file}','{bad_file}']")
+    assert bad_file in message and "ssopd.reference_solution_key=extra_info.solution" in message and what in message
+
+
+def test_reference_solution_key_must_name_a_column(good, tmp_path):
+    file = _parquet(tmp_path / "train.parquet", [{"solution": "x = 1"}])
+    message = refused(good, "ssopd.witness_source=reference_solution", f"data.train_files='{file}'",
+                      "ssopd.reference_solution_key=meta.solution")
+    assert file in message and "no column 'meta'" in message and "ssopd.reference_solution_key=meta.solution" in message
+
+
+# ---- ssopd.* types and ranges ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("ssopd.chunk_size=1.5", "ssopd.chunk_size must be a positive integer, got 1.5 (float)"),
+        ("ssopd.chunk_size=true", "ssopd.chunk_size must be a positive integer, got True (bool)"),
+        ("ssopd.max_witness_tokens=2.5", "ssopd.max_witness_tokens must be a positive integer, got 2.5"),
+        ("ssopd.max_witness_tokens=null", "ssopd.max_witness_tokens must be a positive integer, got None"),
+        ("ssopd.correct_threshold='0.5'", "ssopd.correct_threshold must be a finite number, got '0.5' (str)"),
+        ("ssopd.correct_threshold=null", "ssopd.correct_threshold must be a finite number, got None"),
+        ("ssopd.correct_threshold=nan", "ssopd.correct_threshold must be a finite number, got nan"),
+        ("ssopd.correct_threshold=1.0", "ssopd.correct_threshold must be < 1.0, got 1.0: a completion is correct "
+         "when its score > correct_threshold"),
+        ("ssopd.chat_template_kwargs=enable_thinking", "ssopd.chat_template_kwargs must be a mapping"),
+        ("ssopd.seed=-1", "ssopd.seed must be an integer >= 0, got -1"),
+        ("ssopd.lambda=inf", "ssopd.lambda must be a finite number >= 0, got inf"),
+        ("ssopd.lambda=nan", "ssopd.lambda must be a finite number >= 0, got nan"),
+        ("ssopd.tau=inf", "ssopd.tau must be a finite number > 0, got inf"),
+        ("ssopd.tau=nan", "ssopd.tau must be a finite number > 0, got nan"),
+        ("ssopd.lambda='1.0'", "ssopd.lambda must be a finite number >= 0, got '1.0' (str)"),
+        ("ssopd.teacher=ema", "ssopd.teacher must be one of live, initial, got 'ema'"),
+        ("ssopd.max_distill_tokens=0", "ssopd.max_distill_tokens must be a positive integer or null, got 0"),
+        ("ssopd.max_distill_tokens=8.0", "ssopd.max_distill_tokens must be a positive integer or null, got 8.0"),
+        ("ssopd.max_teacher_length=true", "ssopd.max_teacher_length must be a positive integer or null, got True"),
+        ("ssopd.clip=null", "ssopd.clip must be one of pointwise, token, none, got None"),
+        ("ssopd.reference_solution_key=''", "ssopd.reference_solution_key must be a dotted field name"),
+    ],
+)
+def test_ssopd_key_of_the_wrong_type_or_range_is_refused(good, override, expected):
+    assert expected in refused(good, override)
+
+
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("ssopd.chat_template_kwargs={enable_thinking:false}", {"enable_thinking": False}),
+        ("ssopd.max_distill_tokens=256", 256),
+        ("ssopd.correct_threshold=0.5", 0.5),
+        ("ssopd.lambda=0", 0),
+    ],
+)
+def test_valid_values_pass(good, override, value):
+    key = override.split("=")[0].split(".")[1]
+    block = check_config(config_with(good, override)).to_yaml_dict()
+    assert block[key] == value
+
+
+# ---- the real entry point: refused before Ray, a rollout or validation ----------------------------------------
+BAD_RUNS = {
+    "legacy-trainer": ("trainer.use_v1=false", "trainer.use_v1=false"),
+    "ssopd-type": ("ssopd.lambda='1.0'", "ssopd.lambda must be a finite number >= 0, got '1.0' (str)"),
+    "ulysses": (
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """The three runs from the repo root (Hydra's output directory under tmp), one after the other: each is timed
+    on its own (~10-15 s on an idle 2-core machine: verl's imports, Hydra's composition, the check)."""
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # +platform=cpu selects it, as in use
+    out = {}
+    for name, (override, _) in BAD_RUNS.items():
+        cmd = [
+            sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
+            override, f"hydra.run.dir={tmp_path_factory.mktemp(name)}",
+        ]
+        start = time.monotonic()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
+        out[name] = (proc.returncode, proc.stdout, time.monotonic() - start)
+    return out
+
+
+@pytest.mark.parametrize("name", BAD_RUNS)
+def test_main_ppo_refuses_before_ray_starts(bad_runs, name):
+    returncode, output, seconds = bad_runs[name]
+    assert returncode == 1, output[-3000:]
+    assert "ssopd-verl: refusing to start: " in output and BAD_RUNS[name][1] in output, output[-3000:]
+    assert "ray init kwargs" not in output  # verl prints it just before ray.init
+    assert "step:" not in output and "val-core" not in output
+    assert seconds < 120, seconds
