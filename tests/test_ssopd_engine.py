@@ -245,7 +245,7 @@ def test_distill_term_matches_reference_at_any_micro_batch_size(engine, hf_model
         expected += plan.weight[row] * per_token.mean().item()
     expected /= len(groups) / N  # G = global_batch_size / n prompts
     assert expected > 0
-    assert _metric_sum(output, "ssopd/distill_loss") == pytest.approx(expected, rel=1e-5)
+    assert _metric_sum(output, "ssopd/distill_loss") == pytest.approx(expected, rel=5e-5)  # fp32 over 151k entries
 
 
 def test_one_actor_update_with_pairs(engine, groups, tokenizer):
