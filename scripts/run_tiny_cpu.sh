@@ -16,9 +16,10 @@ mkdir -p ssopd-tiny
 log=ssopd-tiny/main_job.log
 echo "ssopd: main job on CPU; verl's full log: $log"
 set +e
-# Our lines come from the TaskRunner (a Ray actor): Ray prefixes them with "(TaskRunner pid=...)".
+# Our lines come from the TaskRunner (a Ray actor): Ray prefixes them with a coloured "(TaskRunnerV1 pid=...)".
 PYTHONUNBUFFERED=1 .venv/bin/python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default "$@" 2>&1 \
-    | tee "$log" | grep --line-buffered -E '^(\([A-Za-z]+ pid=[0-9]+\) )?ssopd' | sed -u -E 's/^\([A-Za-z]+ pid=[0-9]+\) //'
+    | tee "$log" | sed -u -E 's/\x1b\[[0-9;]*m//g' | grep --line-buffered -E '^(\([A-Za-z0-9]+ pid=[0-9]+\) )?ssopd' \
+    | sed -u -E 's/^\([A-Za-z0-9]+ pid=[0-9]+\) //'
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ]; then
