@@ -121,4 +121,7 @@ def test_distill_term_is_invariant_to_data_parallel_size(model_path):
             expected += plan.weight[i] * clipped_forward_kl(student, teacher, temperature=TEMPERATURE).mean().item()
     expected /= 8 / N
     assert expected > 0
-    assert sum(per_rank) / len(per_rank) == pytest.approx(expected, rel=1e-5)
+    # fp32: the loss scales by 1/temperature after the projection and sums 151k-entry rows in chunks, the reference
+    # divides the logits first; the KL (2.5e-3) is a difference of nearly equal terms, so its relative error is ~1e-4.
+    # A wrong data-parallel scale would be off by a factor of 2.
+    assert sum(per_rank) / len(per_rank) == pytest.approx(expected, rel=1e-3)
