@@ -19,14 +19,36 @@ module *builds* one, deterministically, from nothing but the installed libraries
    vocabulary keeps a training step ~17x cheaper than Qwen3's 151,669 tokens would.
 3. **Model.** A ``Qwen3ForCausalLM`` (hidden 128, 4 layers, 4 query / 2 key-value heads of 32, MLP 256, tied
    embeddings, sdpa, float32; 0.65M parameters with the 484-token vocabulary) from a seeded init.
-4. **Warm start.** Plain supervised training (AdamW, loss on the completion tokens and the closing
-   ``<|im_end|>`` only, batches of 32) that stops as soon as the *sampled* accuracy (temperature 1.0, no top-k /
-   top-p, a truncated completion counts as wrong; 128 held-out problems x 2 samples) lies inside ``band``
-   (default 0.3-0.7), checked every ``check_every`` = 25 steps once the training loss is below
-   ``check_below_loss``; if one interval jumps over the band the run goes back to the last check and re-checks
-   every step. Hard cap ``max_steps``; missing the band is an error. Measured on 2 busy CPU cores: 300 steps,
-   accuracy 0.36, ~45 s for the whole build (batch 32 and MLP 256 reach the band in about the same number of
-   steps as batch 64 / MLP 512, at ~40% of the cost).
+4. **Warm start.** Supervised training (AdamW, loss on the completion tokens and the closing ``<|im_end|>``
+   only) on a mixture; every step has
+
+   a. ``batch_size`` = 32 **student rows**: the RL prompt, and as target the worked solution with probability
+      ``student_correct_frac`` = 0.45, otherwise the same solution with one plausible *slip* carried through to
+      a wrong boxed answer (:meth:`Problem.slipped_solution`: the carry dropped on problems whose units carry,
+      else one column sum off by one). The student learns the arithmetic *and* a per-problem chance of slipping
+      at a known token, so its sampled accuracy settles near ``student_correct_frac``, inside the frontier, with
+      mixed groups on nearly every prompt (and greedy decoding, which drops a carry, also stays below 1);
+   b. ``teacher_batch_size`` = 8 **teacher rows**: the SSOPD teacher prompt exactly as the trainer builds it
+      (:func:`teacher_prompt_ids`: ``teacher_context.build_teacher_context`` with ``ssopd.template``'s default,
+      the student's chat-template kwargs and no target; the witness is a correct completion as the model emits
+      it, response ids through ``witness_from_response(..., "keep")``) and as target the correct solution, the
+      one the reference solution holds; its loss weighs ``teacher_loss_weight`` = 2. So the policy learns to
+      read the reference: with it, it answers correctly; without it, it slips as often as the student rows
+      taught it to.
+
+   Schedule: linear warmup over ``warmup_steps``, constant ``lr``, linear decay to ``final_lr_frac`` over the last
+   ``decay_frac`` of ``train_steps``. Then a check on the held-out check problems (128 x 2 samples each way,
+   temperature 1.0, no top-k / top-p, a truncated completion counts as wrong): the student's sampled accuracy in
+   ``band`` (0.3-0.7) and the teacher prompt's at least ``teacher_min`` (0.85); if not, training goes on at the
+   final rate, checked every ``check_every`` steps, up to ``max_steps`` (missing them is an error). Finally an
+   independent measurement on the validation problems (all 128, ``heldout_samples`` = 4 samples each, temperature
+   1.0, seed ``heldout_seed``), recorded in the manifest as ``heldout``: student and teacher-prompt sampled
+   accuracy, greedy student accuracy (what the overlay's validation reads) and the count of mixed problems.
+   Measured: the targets are met at step 500 (check: student 0.40, teacher prompt 0.91); held out: student 0.38,
+   teacher prompt 0.90, greedy student 0.55, 128 val problems x 4 samples. Cost: 500 steps of 32 student rows
+   (~58 tokens) and 8 teacher rows (~147 tokens, the template is long); ~410 s of CPU on a heavily shared 2-core
+   machine (load 4-9), an estimated ~2-2.5 min on an idle one (the former student-only warm start: 300 steps in
+   ~45 s). Fewer steps (400-450) or a heavier teacher weight (3) missed the targets at the end of the schedule.
 5. **Data.** ``train.parquet`` / ``val.parquet`` in verl's RL format: ``data_source``, ``prompt`` (chat messages),
    ``ability`` = "math", ``reward_model`` = {style: rule, ground_truth}, ``extra_info`` = {split, index,
    solution} (the solution is the worked completion, used by the OPSD ``reference_solution`` witness).
@@ -47,9 +69,10 @@ reward.custom_reward_function.name=compute_score`` (it grades in a spawned proce
 ``if __name__ == "__main__":`` guard).
 
 Cache: :func:`build_tiny_default` builds once into a versioned directory (default
-``$SSOPD_CACHE/tiny-default-v1``, ``$SSOPD_CACHE`` defaulting to ``~/.cache/ssopd_verl``), under a file lock,
+``$SSOPD_CACHE/tiny-default-v2``, ``$SSOPD_CACHE`` defaulting to ``~/.cache/ssopd_verl``), under a file lock,
 in a sibling temporary directory that is renamed into place after ``manifest.json`` (versions, spec, seed,
-accuracy, steps, sha256 of every file) is written, so an interrupted build is never mistaken for a finished one.
+accuracies, held-out measurement, steps, history, sha256 of every file) is written, so an interrupted build is
+never mistaken for a finished one.
 A later call checks the manifest and the file hashes and returns the cached build without training. CLI:
 ``python -m ssopd_verl.tiny_default [--cache-dir D] [--force]``.
 
@@ -65,7 +88,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -92,14 +114,18 @@ __all__ = [
     "TinyDefaultSpec",
     "build_tiny_default",
     "build_tokenizer",
+    "completion_ids",
     "default_cache_dir",
+    "greedy_accuracy",
     "is_correct",
     "make_splits",
+    "measure",
     "sample_completions",
     "sampled_accuracy",
+    "teacher_prompt_ids",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the warm start also teaches the teacher prompt (held-out accuracies in the manifest)
 CACHE_NAME = f"tiny-default-v{CACHE_VERSION}"
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
@@ -131,8 +157,8 @@ class TinyDefaultSpec:
     min_operand: int = 10
     max_operand: int = 99
     n_train: int = 512
-    n_val: int = 64
-    n_check: int = 128  # held-out problems for the sampled-accuracy check during the warm start
+    n_val: int = 128  # the RL validation set (the +tiny=default overlay validates on all of it, greedy)
+    n_check: int = 128  # held-out problems for the accuracy checks during the warm start
     # tokenizer: at most this many tokens in total (BPE merges + 256 bytes + Qwen3's 26 special tokens)
     vocab_size: int = 1024
     # model
@@ -143,16 +169,24 @@ class TinyDefaultSpec:
     head_dim: int = 32
     intermediate_size: int = 256
     max_position_embeddings: int = 1024
-    # warm start
+    # warm start: every step has batch_size student rows and teacher_batch_size teacher-prompt rows
     batch_size: int = 32
+    teacher_batch_size: int = 8
+    teacher_loss_weight: float = 2.0  # loss = student loss + this x teacher loss (each a mean over target tokens)
+    student_correct_frac: float = 0.45  # share of student targets that are correct; the rest carry one slip
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    max_steps: int = 3000
-    check_every: int = 25  # the first check is at this step (an untrained model scores 0)
-    band: tuple = (0.3, 0.7)  # target sampled accuracy, inclusive
+    train_steps: int = 500  # the schedule: warmup, constant, linear decay over the last decay_frac of it
+    decay_frac: float = 0.5
+    final_lr_frac: float = 0.05  # lr at train_steps (and after it) relative to lr
+    max_steps: int = 1500  # not in the targets at train_steps: go on at the final lr, checking every check_every
+    check_every: int = 50
+    band: tuple = (0.3, 0.7)  # target sampled student accuracy (check problems), inclusive
+    teacher_min: float = 0.85  # minimum sampled teacher-prompt accuracy (check problems)
     check_samples: int = 2  # samples per check problem (temperature 1.0): 256 samples, std <= 0.03
-    check_below_loss: float = 0.5  # skip the (costly) check while the interval's mean loss is above this
+    heldout_samples: int = 4  # the manifest's held-out measurement: every val problem x this many samples
+    heldout_seed: int = 1234
     max_new_tokens: int = 48  # completions are 20-26 tokens + <|im_end|>; longer ones are truncated = wrong
     num_threads: int = 1
 
@@ -174,8 +208,10 @@ class TinyDefaultSpec:
 
 @dataclass(frozen=True)
 class TinyDefault:
-    """A finished build. Paths are absolute; ``accuracy`` is the sampled accuracy at the step the warm start
-    stopped (temperature 1.0, ``spec.n_check`` problems x ``spec.check_samples`` samples)."""
+    """A finished build. Paths are absolute; ``accuracy`` / ``teacher_accuracy`` are the sampled student /
+    teacher-prompt accuracies when the warm start stopped (temperature 1.0, ``spec.n_check`` problems x
+    ``spec.check_samples`` samples); ``heldout`` is the manifest's independent measurement on the validation
+    problems (see :func:`measure`)."""
 
     model_path: str  # model + tokenizer (save_pretrained layout; AutoTokenizer / AutoModelForCausalLM load it)
     train_file: str
@@ -183,6 +219,8 @@ class TinyDefault:
     accuracy: float
     steps: int
     cache_dir: str = ""
+    teacher_accuracy: float = float("nan")
+    heldout: dict = field(default_factory=dict, compare=False)
     data_source: str = DATA_SOURCE
     chat_template_kwargs: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict, repr=False, compare=False)
@@ -217,15 +255,49 @@ class Problem:
     @property
     def solution(self) -> str:
         """The worked completion: column sums from the units up in a think block, then the boxed answer."""
-        steps, carry = [], 0
-        x, y = self.a, self.b
-        while x or y:
-            dx, dy = x % 10, y % 10
-            s = dx + dy + carry
-            steps.append(f"{dx}+{dy}" + (f"+{carry}" if carry else "") + f"={s}")
-            carry = s // 10
-            x, y = x // 10, y // 10
-        return "<think>\n" + "\n".join(steps) + "\n</think>\n\n\\boxed{" + self.answer + "}"
+        return _worked(self.a, self.b)
+
+    @property
+    def has_carry(self) -> bool:
+        """The units column carries into the tens."""
+        return self.a % 10 + self.b % 10 >= 10
+
+    def slipped_solution(self, rng: random.Random) -> str:
+        """A worked completion with one plausible slip, carried through consistently to a wrong boxed answer.
+
+        A problem whose units carry: the carry is dropped (``3+4=7`` for ``3+4+1=8``). Otherwise one column sum
+        (chosen with ``rng``) is off by one (sign chosen with ``rng``). So a student trained on a mix of these and
+        correct completions has a per-problem chance of a slip at a known token: on carry problems the
+        ``+1``-vs-``=`` choice, elsewhere the column-sum digit."""
+        if self.has_carry:
+            text = _worked(self.a, self.b, drop_carry=True)
+        else:
+            column = rng.randrange(2)
+            delta = rng.choice((-1, 1))
+            digits = ((self.a // 10**column) % 10, (self.b // 10**column) % 10)
+            if sum(digits) + delta < 0:  # 0+0 (never for 2-digit operands) can only go up
+                delta = 1
+            text = _worked(self.a, self.b, off=(column, delta))
+        assert not is_correct(text, self.answer), (self, text)
+        return text
+
+
+def _worked(a: int, b: int, *, drop_carry: bool = False, off: Optional[tuple] = None) -> str:
+    """Column sums from the units up, the carry passed on, the boxed answer read off the sums. ``drop_carry``: the
+    tens column ignores the units' carry; ``off=(column, delta)``: that column's sum is written ``delta`` off.
+    Either way the rest follows consistently from the slipped sum."""
+    steps, digits, carry, column = [], [], 0, 0
+    x, y = a, b
+    while x or y:
+        dx, dy = x % 10, y % 10
+        c = 0 if (drop_carry and column == 1) else carry
+        s = dx + dy + c + (off[1] if off is not None and off[0] == column else 0)
+        steps.append(f"{dx}+{dy}" + (f"+{c}" if c else "") + f"={s}")
+        carry, column = s // 10, column + 1
+        digits.append(s % 10)
+        x, y = x // 10, y // 10
+    answer = int("".join(str(d) for d in ([carry] if carry else []) + digits[::-1]))
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n\\boxed{" + str(answer) + "}"
 
 
 def make_splits(spec: TinyDefaultSpec) -> dict:
@@ -277,6 +349,9 @@ def _corpus(problems: Sequence[Problem]) -> list:
     return texts
 
 
+_TRAINED_BPE: dict = {}  # (vocab size, corpus digest) -> trained BPE (JSON), per process
+
+
 def build_tokenizer(spec: Optional[TinyDefaultSpec] = None, problems: Optional[Sequence[Problem]] = None):
     """The compact Qwen3-style ``PreTrainedTokenizerFast`` (byte-level BPE + Qwen3 special tokens + chat template),
     trained on the warm-start problems of ``spec`` (default spec if None) unless ``problems`` is given."""
@@ -316,7 +391,14 @@ def build_tokenizer(spec: Optional[TinyDefaultSpec] = None, problems: Optional[S
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(problems), trainer=trainer)
+    corpus = _corpus(problems)
+    key = (spec.vocab_size, hashlib.sha256("\u0000".join(corpus).encode()).hexdigest())
+    trained = _TRAINED_BPE.get(key)
+    if trained is None:  # the BPE training is the slow part (seconds); the result is a pure function of key
+        tok.train_from_iterator(corpus, trainer=trainer)
+        _TRAINED_BPE[key] = tok.to_str()
+    else:
+        tok = Tokenizer.from_str(trained)
     base = tok.get_vocab_size()
     if base < 256:
         raise RuntimeError(f"BPE vocabulary lost bytes ({base} < 256)")
@@ -343,6 +425,34 @@ def _prompt_ids(tokenizer, problem: Problem) -> list:
         problem.messages, add_generation_prompt=True, tokenize=False, **CHAT_TEMPLATE_KWARGS
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids(tokenizer, text: str) -> list:
+    """Response ids of a completion as the model emits it: the text's tokens and the closing ``<|im_end|>``."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def teacher_prompt_ids(tokenizer, problem: Problem, witness_response_ids: Optional[Sequence[int]] = None) -> list:
+    """The SSOPD teacher's prompt ids for ``problem``: exactly what the trainer builds, i.e.
+    :func:`ssopd_verl.teacher_context.build_teacher_context` with ``ssopd.template``'s default, the student's
+    chat-template kwargs (:data:`CHAT_TEMPLATE_KWARGS`) and no target, the witness taken from a correct
+    completion's response ids by ``witness_from_response(..., "keep")`` (``ssopd.witness_thinking``'s default).
+    ``witness_response_ids`` defaults to the problem's worked solution as the model emits it (``<think>`` block,
+    boxed answer, ``<|im_end|>``): what a correct sampled completion of this model looks like."""
+    from ssopd_verl.teacher_context import DEFAULT_TEMPLATE, build_teacher_context, witness_from_response
+
+    if witness_response_ids is None:
+        witness_response_ids = completion_ids(tokenizer, problem.solution)
+    witness = witness_from_response(tokenizer, witness_response_ids, "keep")
+    context = build_teacher_context(
+        tokenizer,
+        problem.messages,
+        witness,
+        [],
+        template=DEFAULT_TEMPLATE,
+        chat_template_kwargs=CHAT_TEMPLATE_KWARGS,
+    )
+    return list(context.input_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,10 +532,16 @@ def sampled_accuracy(
     seed: int = 0,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
+    prompt: str = "student",
 ) -> tuple:
     """Fraction of sampled completions whose last ``\\boxed{}`` is the answer (truncated ones count as wrong).
-    Returns ``(accuracy, per_problem_correct_counts)``. Deterministic for a seed."""
-    prompts = [_prompt_ids(tokenizer, p) for p in problems for _ in range(samples)]
+    Returns ``(accuracy, per_problem_correct_counts)``. Deterministic for a seed. ``prompt`` picks the prompt:
+    ``"student"`` (the RL prompt) or ``"teacher"`` (:func:`teacher_prompt_ids`, the problem's worked solution as
+    the witness)."""
+    if prompt not in ("student", "teacher"):
+        raise ValueError(f"prompt must be 'student' or 'teacher', got {prompt!r}")
+    make = _prompt_ids if prompt == "student" else teacher_prompt_ids
+    prompts = [make(tokenizer, p) for p in problems for _ in range(samples)]
     results = sample_completions(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )
@@ -437,129 +553,204 @@ def sampled_accuracy(
     return sum(counts) / max(1, len(results)), counts
 
 
-def _encode_sft(tokenizer, problems: Sequence[Problem]):
-    """(input_ids, labels, lengths) right-padded; labels = -100 on the prompt and padding."""
+def _pad_rows(rows: Sequence[tuple], pad: int):
+    """``[(prompt_ids, target_ids)]`` -> right-padded (input_ids, labels, attention_mask); labels = -100 on the
+    prompt and the padding (the loss is on the target tokens only)."""
     import torch
 
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    rows = []
-    for p in problems:
-        prompt = _prompt_ids(tokenizer, p)
-        completion = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [eos]
-        rows.append((prompt, completion))
     width = max(len(a) + len(b) for a, b in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    lengths = torch.zeros(len(rows), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (a, b) in enumerate(rows):
-        seq = torch.tensor(a + b, dtype=torch.long)
+        seq = torch.tensor(list(a) + list(b), dtype=torch.long)
         ids[i, : len(seq)] = seq
         labels[i, len(a) : len(seq)] = seq[len(a) :]
-        lengths[i] = len(seq)
-    return ids, labels, lengths
+        mask[i, : len(seq)] = 1
+    return ids, labels, mask
 
 
-def _batch_indices(seed: int, step: int, n: int, batch: int) -> list:
-    """The rows of warm-start step ``step`` (0-based): epochs of seeded permutations, a pure function of step."""
+_PERMUTATIONS: dict = {}
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int, stream: str = "sft") -> list:
+    """The rows of warm-start step ``step`` (0-based) in ``stream``: epochs of seeded permutations of ``range(n)``,
+    a pure function of (seed, stream, step)."""
     per_epoch = n // batch
     epoch, k = divmod(step, per_epoch)
-    perm = list(range(n))
-    random.Random(f"{seed}/sft/{epoch}").shuffle(perm)
+    key = (seed, stream, epoch, n)
+    perm = _PERMUTATIONS.get(key)
+    if perm is None:
+        perm = list(range(n))
+        random.Random(f"{seed}/{stream}/{epoch}").shuffle(perm)
+        _PERMUTATIONS.clear()  # one epoch at a time per stream is all a build needs
+        _PERMUTATIONS[key] = perm
     return perm[k * batch : (k + 1) * batch]
 
 
+def _lr_factor(spec: TinyDefaultSpec, step: int) -> float:
+    """Linear warmup, constant, then linear decay to ``final_lr_frac`` over the last ``decay_frac`` of
+    ``train_steps``; ``final_lr_frac`` after that."""
+    factor = min(1.0, (step + 1) / max(1, spec.warmup_steps))
+    start = spec.train_steps * (1.0 - spec.decay_frac)
+    if spec.decay_frac > 0 and step >= start:
+        done = min(1.0, (step - start) / max(1e-9, spec.train_steps - start))
+        factor *= 1.0 - (1.0 - spec.final_lr_frac) * done
+    return factor
+
+
 def _warm_start(model, tokenizer, spec: TinyDefaultSpec, splits: dict, progress: Optional[Callable[[str], None]]):
-    """Train until the sampled accuracy on the check problems is inside ``spec.band``. Returns (acc, steps, history)."""
+    """Supervised warm start on a mixture of student and teacher-prompt rows (module docstring, item 4).
+
+    Runs the ``train_steps`` schedule, then checks; if the student is below the band or the teacher below
+    ``teacher_min``, goes on at the final learning rate, checking every ``check_every`` steps, up to ``max_steps``.
+    Returns (student accuracy, teacher accuracy, steps, history)."""
     import torch
 
     lo, hi = spec.band
-    ids, labels, lengths = _encode_sft(tokenizer, splits["sft"])
-    check = splits["check"]
+    sft, check = splits["sft"], splits["check"]
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    student_prompts: dict = {}  # problem index -> prompt ids, built on first use
+    teacher_prompts: dict = {}
+    completions: dict = {}  # completion text -> response ids
+
+    def completion(text: str) -> list:
+        if text not in completions:
+            completions[text] = completion_ids(tokenizer, text)
+        return completions[text]
+
+    def student_row(i: int, rng: random.Random) -> tuple:
+        if i not in student_prompts:
+            student_prompts[i] = _prompt_ids(tokenizer, sft[i])
+        p = sft[i]
+        text = p.solution if rng.random() < spec.student_correct_frac else p.slipped_solution(rng)
+        return student_prompts[i], completion(text)
+
+    def teacher_row(i: int) -> tuple:
+        if i not in teacher_prompts:
+            teacher_prompts[i] = teacher_prompt_ids(tokenizer, sft[i], completion(sft[i].solution))
+        return teacher_prompts[i], completion(sft[i].solution)
+
+    def loss_of(rows: list):
+        ids, labels, mask = _pad_rows(rows, pad)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(spec, s))
     history: list = []
     t0 = time.perf_counter()
-
-    def evaluate(step: int) -> float:
-        acc, _ = sampled_accuracy(
-            model,
-            tokenizer,
-            check,
-            samples=spec.check_samples,
-            seed=spec.seed * 1_000_003 + step,
-            max_new_tokens=spec.max_new_tokens,
-        )
-        return acc
-
-    def snapshot(step: int) -> dict:
-        return {
-            "step": step,
-            "model": copy.deepcopy(model.state_dict()),
-            "opt": copy.deepcopy(opt.state_dict()),
-            "sched": copy.deepcopy(sched.state_dict()),
-        }
-
-    def restore(s: dict) -> int:
-        model.load_state_dict(s["model"])
-        opt.load_state_dict(s["opt"])
-        sched.load_state_dict(s["sched"])
-        return s["step"]
-
-    acc = float("nan")
-    last = snapshot(0)
-    interval, step, loss_sum, loss_n = spec.check_every, 0, 0.0, 0
+    acc = teacher_acc = float("nan")
+    step, sums = 0, [0.0, 0.0, 0]
     model.train()
     while step < spec.max_steps:
-        rows = _batch_indices(spec.seed, step, len(ids), spec.batch_size)
-        width = int(lengths[rows].max())
-        batch_ids, batch_labels = ids[rows, :width], labels[rows, :width]
-        attn = (torch.arange(width)[None, :] < lengths[rows][:, None]).long()
-        loss = model(input_ids=batch_ids, attention_mask=attn, labels=batch_labels).loss
+        rng = random.Random(f"{spec.seed}/student-targets/{step}")
+        rows = [student_row(i, rng) for i in _batch_indices(spec.seed, step, len(sft), spec.batch_size, "sft")]
+        loss_student = loss_of(rows)
+        loss = loss_student
+        loss_teacher = None
+        if spec.teacher_batch_size > 0:
+            picks = _batch_indices(spec.seed, step, len(sft), spec.teacher_batch_size, "teacher")
+            loss_teacher = loss_of([teacher_row(i) for i in picks])
+            loss = loss + spec.teacher_loss_weight * loss_teacher
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        if step % interval and step < spec.max_steps:
+        sums = [sums[0] + loss_student.item(), sums[1] + (loss_teacher.item() if loss_teacher is not None else 0.0),
+                sums[2] + 1]
+        at_check = step >= spec.train_steps and (step - spec.train_steps) % spec.check_every == 0
+        if not at_check and step % spec.check_every and step < spec.max_steps:
             continue
-        mean_loss = loss_sum / loss_n
-        loss_sum, loss_n = 0.0, 0
-        if mean_loss > spec.check_below_loss and step < spec.max_steps:
-            history.append({"step": step, "loss": round(mean_loss, 6), "accuracy": None})
+        entry = {
+            "step": step,
+            "loss": round(sums[0] / sums[2], 6),
+            "teacher_loss": round(sums[1] / sums[2], 6),
+            "accuracy": None,
+            "teacher_accuracy": None,
+        }
+        sums = [0.0, 0.0, 0]
+        history.append(entry)
+        line = (
+            f"warm start: step {step}/{spec.train_steps} (max {spec.max_steps})  loss {entry['loss']:.4f}  "
+            f"teacher loss {entry['teacher_loss']:.4f}"
+        )
+        if not at_check and step < spec.max_steps:
             if progress:
-                progress(
-                    f"warm start: step {step}/{spec.max_steps}  loss {mean_loss:.4f}  (no check above loss "
-                    f"{spec.check_below_loss})  {time.perf_counter() - t0:.1f}s"
-                )
-            last = snapshot(step)
+                progress(f"{line}  {time.perf_counter() - t0:.1f}s")
             continue
-        acc = evaluate(step)
-        history.append({"step": step, "loss": round(mean_loss, 6), "accuracy": acc})
+        seed = spec.seed * 1_000_003 + step
+        kwargs = dict(samples=spec.check_samples, seed=seed, max_new_tokens=spec.max_new_tokens)
+        acc, _ = sampled_accuracy(model, tokenizer, check, **kwargs)
+        teacher_acc, _ = sampled_accuracy(model, tokenizer, check, prompt="teacher", **kwargs)
+        model.train()
+        entry.update(accuracy=acc, teacher_accuracy=teacher_acc)
         if progress:
             progress(
-                f"warm start: step {step}/{spec.max_steps}  loss {mean_loss:.4f}  sampled accuracy {acc:.3f} "
-                f"(target {lo}-{hi})  {time.perf_counter() - t0:.1f}s"
+                f"{line}  sampled accuracy: student {acc:.3f} (target {lo}-{hi}), teacher prompt {teacher_acc:.3f} "
+                f"(target >= {spec.teacher_min})  {time.perf_counter() - t0:.1f}s"
             )
-        if lo <= acc <= hi:
+        if lo <= acc <= hi and teacher_acc >= spec.teacher_min:
             model.eval()
-            return acc, step, history
-        if acc > hi and interval > 1:
-            # Jumped over the band within one interval: go back to the last check and check every step.
-            step = restore(last)
-            interval = 1
-            if progress:
-                progress(f"warm start: overshot the band, back to step {step}, checking every step")
-            continue
+            return acc, teacher_acc, step, history
         if acc > hi:
-            break
-        last = snapshot(step)
+            break  # more training only raises it: the spec (student_correct_frac, train_steps) needs changing
     raise RuntimeError(
-        f"warm start did not land in the sampled-accuracy band [{lo}, {hi}] (max_steps {spec.max_steps}; "
-        f"last {acc:.3f} at step {step}); history: {history[-5:]}"
+        f"warm start did not reach its targets (student sampled accuracy in [{lo}, {hi}], teacher-prompt accuracy "
+        f">= {spec.teacher_min}; max_steps {spec.max_steps}): last student {acc:.3f}, teacher {teacher_acc:.3f} at "
+        f"step {step}; history: {history[-5:]}"
     )
+
+
+def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 64) -> float:
+    """Share of ``problems`` answered correctly by greedy decoding from the student prompt (what verl's validation
+    reports with ``val_kwargs.temperature=0``), all prompts in one left-padded batch."""
+    import torch
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    prompts = [_prompt_ids(tokenizer, p) for p in problems]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            pad_token_id=pad, top_k=None, top_p=None, temperature=None,
+        )[:, width:].tolist()
+    model.train(was_training)
+    correct = 0
+    for row, p in zip(out, problems):
+        if eos in row and is_correct(tokenizer.decode(row[: row.index(eos)], skip_special_tokens=True), p.answer):
+            correct += 1
+    return correct / max(1, len(problems))
+
+
+def measure(
+    model, tokenizer, problems: Sequence[Problem], *, samples: int, seed: int, max_new_tokens: int = 48
+) -> dict:
+    """The held-out measurement recorded in the manifest: sampled accuracy (temperature 1, no top-k / top-p) from
+    the student prompt and from the teacher prompt (:func:`teacher_prompt_ids`, the worked solution as witness),
+    ``samples`` per problem with ``seed``; plus the greedy student accuracy and the mixed-group count.
+    ``samples=0``: nothing is measured ({})."""
+    if samples <= 0:
+        return {}
+    kwargs = dict(samples=samples, seed=seed, max_new_tokens=max_new_tokens)
+    student, counts = sampled_accuracy(model, tokenizer, problems, **kwargs)
+    teacher, _ = sampled_accuracy(model, tokenizer, problems, prompt="teacher", **kwargs)
+    return {
+        "problems": len(problems),
+        "samples": samples,
+        "seed": seed,
+        "temperature": 1.0,
+        "student_accuracy": student,
+        "teacher_accuracy": teacher,
+        "student_greedy_accuracy": greedy_accuracy(model, tokenizer, problems, max_new_tokens=max_new_tokens),
+        "mixed_problems": sum(0 < c < samples for c in counts),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,7 +781,7 @@ def _write_parquet(rows: list, path: Path) -> None:
 
 
 def default_cache_dir(spec: Optional[TinyDefaultSpec] = None) -> Path:
-    """``$SSOPD_CACHE/tiny-default-v1`` (``$SSOPD_CACHE`` defaults to ``~/.cache/ssopd_verl``); a non-default spec
+    """``$SSOPD_CACHE/tiny-default-v2`` (``$SSOPD_CACHE`` defaults to ``~/.cache/ssopd_verl``); a non-default spec
     gets a suffix with its digest."""
     root = Path(os.environ.get("SSOPD_CACHE") or Path.home() / ".cache" / "ssopd_verl").expanduser()
     name = CACHE_NAME
@@ -617,6 +808,13 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def cached_tiny_default(cache_dir: Optional[os.PathLike | str] = None) -> Optional[TinyDefault]:
+    """The default build if it is in the cache (``cache_dir`` or :func:`default_cache_dir`) and intact; None if it
+    still has to be built. Never trains."""
+    spec = TinyDefaultSpec()
+    return _load_cached(Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(spec), spec)
 
 
 def _load_cached(cache_dir: Path, spec: TinyDefaultSpec) -> Optional[TinyDefault]:
@@ -646,6 +844,8 @@ def _result(cache_dir: Path, manifest: dict) -> TinyDefault:
         val_file=str(cache_dir / VAL_FILE),
         accuracy=float(manifest["accuracy"]),
         steps=int(manifest["steps"]),
+        teacher_accuracy=float(manifest["teacher_accuracy"]),
+        heldout=dict(manifest["heldout"]),
         cache_dir=str(cache_dir),
         data_source=manifest["data_source"],
         chat_template_kwargs=dict(manifest["chat_template_kwargs"]),
@@ -699,7 +899,22 @@ def _build_into(out: Path, spec: TinyDefaultSpec, progress: Optional[Callable[[s
             f"{len(splits['sft'])} warm-start problems"
         )
     with _torch_threads(spec.num_threads):
-        accuracy, steps, history = _warm_start(model, tokenizer, spec, splits, progress)
+        accuracy, teacher_accuracy, steps, history = _warm_start(model, tokenizer, spec, splits, progress)
+        heldout = measure(
+            model,
+            tokenizer,
+            splits["val"],
+            samples=spec.heldout_samples,
+            seed=spec.heldout_seed,
+            max_new_tokens=spec.max_new_tokens,
+        )
+    heldout = {"split": "val", **heldout} if heldout else {}
+    if progress and heldout:
+        progress(
+            f"held out ({heldout['problems']} val problems x {heldout['samples']}, temperature 1): student "
+            f"{heldout['student_accuracy']:.3f}, teacher prompt {heldout['teacher_accuracy']:.3f}; greedy student "
+            f"{heldout['student_greedy_accuracy']:.3f}"
+        )
 
     model_dir = out / MODEL_DIR
     model_dir.mkdir(parents=True)
@@ -727,8 +942,16 @@ def _build_into(out: Path, spec: TinyDefaultSpec, progress: Optional[Callable[[s
         "versions": _versions(),
         "torch_threads": spec.num_threads,
         "accuracy": accuracy,
+        "teacher_accuracy": teacher_accuracy,
         "steps": steps,
         "history": history,
+        "heldout": heldout,
+        "teacher_prompt": {
+            "builder": "ssopd_verl.teacher_context.build_teacher_context",
+            "template": "ssopd.template default (teacher_context.DEFAULT_TEMPLATE)",
+            "witness": "the problem's worked solution as response ids, witness_from_response(..., 'keep')",
+            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+        },
         "parameters": n_params,
         "vocab_size": len(tokenizer),
         "data_source": DATA_SOURCE,
@@ -801,8 +1024,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"model_path: {result.model_path}")
     print(f"train_file: {result.train_file}")
     print(f"val_file:   {result.val_file}")
+    h = result.heldout
+    if h:
+        print(
+            f"held out ({h['problems']} val problems x {h['samples']} samples, temperature 1, seed {h['seed']}): "
+            f"student {h['student_accuracy']:.3f}, teacher prompt {h['teacher_accuracy']:.3f}; greedy student "
+            f"{h['student_greedy_accuracy']:.3f}"
+        )
     print(
-        f"sampled accuracy {result.accuracy:.3f} after {result.steps} warm-start steps; "
+        f"sampled accuracy {result.accuracy:.3f} (teacher prompt {result.teacher_accuracy:.3f}) after {result.steps} "
+        "warm-start steps; "
         f"{m.get('parameters')} parameters, vocabulary {m.get('vocab_size')}; "
         f"built in {m.get('build_seconds')}s ({time.perf_counter() - t0:.1f}s this call)"
     )

@@ -1,10 +1,13 @@
-"""The embedded tiny default (ssopd_verl.tiny_default): a compact-vocabulary Qwen3 warm-started into the frontier.
+"""The embedded tiny default (ssopd_verl.tiny_default): a compact-vocabulary Qwen3 warm-started into the frontier,
+whose teacher prompt (a correct solution in its context) answers far better than its student prompt.
 
-One real build (the default spec, ~45-60 s on 2 cores) is shared by the module; determinism and cache behaviour use
-cheap builds (same tokenizer and data, 10 training steps)."""
+The real build (the default spec, ~2-2.5 min on 2 idle cores) is the one in the default cache, built on first use
+and shared with the rest of the suite; determinism and cache behaviour use cheap builds in temporary directories
+(same tokenizer and data, 10 training steps, no held-out measurement)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,8 +20,17 @@ import torch
 from ssopd_verl import tiny_default as td
 from ssopd_verl.tiny_tokenizer import QWEN3_SPECIAL_TOKENS
 
-# Same tokenizer and data as the default (only the warm start differs): 10 steps, then stop (band [0, 1]).
-CHEAP = td.TinyDefaultSpec(band=(0.0, 1.0), check_every=10, check_below_loss=100.0)
+# Same tokenizer and data as the default (only the warm start differs): 10 steps, then stop (no targets); the
+# check samples 8 tokens (an untrained model never stops on its own), no held-out measurement.
+CHEAP = td.TinyDefaultSpec(
+    train_steps=10,
+    check_every=10,
+    band=(0.0, 1.0),
+    teacher_min=0.0,
+    check_samples=1,
+    heldout_samples=0,
+    max_new_tokens=8,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,12 +43,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("tiny") / "default"
+def built():
+    """The default build in the default cache ($SSOPD_CACHE or ~/.cache/ssopd_verl): built once for the whole
+    test suite (the end-to-end tests use the same one) and reused while its manifest and file hashes hold."""
     t0 = time.perf_counter()
-    result = td.build_tiny_default(cache)
+    result = td.build_tiny_default()
     seconds = time.perf_counter() - t0
-    print(f"tiny default: {seconds:.1f}s, {result.steps} steps, accuracy {result.accuracy:.3f}")
+    print(
+        f"tiny default: {seconds:.1f}s, {result.steps} steps, accuracy {result.accuracy:.3f}, teacher prompt "
+        f"{result.teacher_accuracy:.3f}; held out {result.heldout}"
+    )
     return result, seconds
 
 
@@ -112,12 +128,36 @@ def test_build_result_and_manifest(built):
     spec = td.TinyDefaultSpec()
     lo, hi = spec.band
     assert lo <= result.accuracy <= hi
-    assert 0 < result.steps <= spec.max_steps
+    assert result.teacher_accuracy >= spec.teacher_min
+    assert spec.train_steps <= result.steps <= spec.max_steps
     assert result.data_source == td.DATA_SOURCE and result.chat_template_kwargs == {}
     m = json.loads((Path(result.cache_dir) / "manifest.json").read_text())
+    assert m["version"] == td.CACHE_VERSION == 2 and Path(result.cache_dir) == td.default_cache_dir()
     assert m["accuracy"] == result.accuracy and m["steps"] == result.steps
+    assert m["teacher_accuracy"] == result.teacher_accuracy
     assert m["spec"] == spec.to_dict() and m["seed"] == spec.seed
-    assert m["history"][-1] == {"step": result.steps, "loss": m["history"][-1]["loss"], "accuracy": result.accuracy}
+    last = m["history"][-1]
+    assert (last["step"], last["accuracy"], last["teacher_accuracy"]) == (
+        result.steps,
+        result.accuracy,
+        result.teacher_accuracy,
+    )
+    # the held-out measurement: every validation problem, sampled at temperature 1 with a fixed seed
+    h = m["heldout"]
+    assert h == result.heldout
+    assert (h["split"], h["problems"], h["samples"], h["seed"], h["temperature"]) == (
+        "val",
+        spec.n_val,
+        spec.heldout_samples,
+        spec.heldout_seed,
+        1.0,
+    )
+    assert lo <= h["student_accuracy"] <= hi
+    assert h["teacher_accuracy"] >= 0.8
+    assert h["teacher_accuracy"] - h["student_accuracy"] >= 0.3
+    assert 0.0 < h["student_greedy_accuracy"] < 1.0
+    assert h["mixed_problems"] >= spec.n_val // 2
+    assert m["teacher_prompt"]["builder"] == "ssopd_verl.teacher_context.build_teacher_context"
     assert {"torch", "transformers", "tokenizers", "verl"} <= set(m["versions"])
     assert set(m["files"]) >= {
         "model/config.json",
@@ -185,6 +225,88 @@ def test_own_sampler_matches_band(built, tokenizer, model):
     assert sum(0 < c < 4 for c in counts) >= 8
 
 
+def _train_problems(built, n):
+    import pandas as pd
+
+    df = pd.read_parquet(built[0].train_file).head(n)
+    return [td.Problem(*(int(x) for x in p[0]["content"].split("?")[0][8:].split(" + "))) for p in df["prompt"]]
+
+
+def test_teacher_prompt_beats_student_prompt(built, tokenizer, model):
+    """The SSOPD premise on the tiny default, re-measured on RL train problems (never in the warm start) with a
+    seed of its own: sampled at temperature 1, the teacher prompt (a correct solution in context) answers far
+    better than the student prompt, and the student sits in the frontier band."""
+    problems = _train_problems(built, 64)
+    lo, hi = td.TinyDefaultSpec().band
+    kwargs = dict(samples=4, seed=4321, max_new_tokens=48)
+    student, counts = td.sampled_accuracy(model, tokenizer, problems, **kwargs)
+    teacher, _ = td.sampled_accuracy(model, tokenizer, problems, prompt="teacher", **kwargs)
+    print(f"student {student:.3f}, teacher prompt {teacher:.3f}")
+    assert lo <= student <= hi
+    assert teacher >= 0.8
+    assert teacher - student >= 0.3
+    assert sum(0 < c < 4 for c in counts) >= 16  # mixed groups
+
+
+def test_teacher_prompt_is_the_trainers_with_a_sampled_witness(built, tokenizer, model):
+    """What the trainer does: the witness is a correct completion the model sampled itself (its response ids,
+    <|im_end|> included), passed through witness_from_response and build_teacher_context with the default
+    template and the student's chat-template kwargs. The teacher prompt built from it reads the witness and
+    answers correctly; for a sampled witness equal to the worked solution the ids equal teacher_prompt_ids'."""
+    from ssopd_verl.teacher_context import DEFAULT_TEMPLATE, build_teacher_context, witness_from_response
+
+    problems = _train_problems(built, 48)
+    samples = td.sample_completions(
+        model, tokenizer, [td._prompt_ids(tokenizer, p) for p in problems for _ in range(4)], max_new_tokens=48, seed=7
+    )
+    witnesses = {}
+    for k, (resp, finished) in enumerate(samples):
+        p = problems[k // 4]
+        text = tokenizer.decode(resp, skip_special_tokens=True)
+        if finished and p not in witnesses and td.is_correct(text, p.answer):
+            witnesses[p] = resp
+    assert len(witnesses) >= 24
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts, chosen = [], []
+    for p, resp in witnesses.items():
+        assert resp[-1] == eos
+        ids = build_teacher_context(
+            tokenizer,
+            p.messages,
+            witness_from_response(tokenizer, resp, "keep"),
+            [],
+            template=DEFAULT_TEMPLATE,
+            chat_template_kwargs=td.CHAT_TEMPLATE_KWARGS,
+        ).input_ids
+        assert ids == td.teacher_prompt_ids(tokenizer, p, resp)
+        if resp == td.completion_ids(tokenizer, p.solution):
+            assert ids == td.teacher_prompt_ids(tokenizer, p)
+        text = tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>user\n" + p.prompt) and text.endswith("<|im_start|>assistant\n")
+        assert tokenizer.decode(resp[:-1]) in text
+        prompts.append(ids)
+        chosen.append(p)
+    results = td.sample_completions(model, tokenizer, prompts * 2, max_new_tokens=48, seed=11)
+    correct = [
+        finished and td.is_correct(tokenizer.decode(resp, skip_special_tokens=True), chosen[k % len(chosen)].answer)
+        for k, (resp, finished) in enumerate(results)
+    ]
+    assert sum(correct) / len(correct) >= 0.8
+
+
+def test_tiny_overlay_validates_a_fixed_set():
+    """The +tiny=default overlay: validation on the whole (fixed) validation file, greedy, and a seeded data
+    config, so the same checkpoint scores the same in every run (an unseeded random subset did not)."""
+    from omegaconf import OmegaConf
+
+    overlay = OmegaConf.load(Path(td.__file__).with_name("conf") / "tiny" / "default.yaml")
+    data = overlay.data
+    assert data.val_max_samples in (-1, None) or data.val_max_samples >= td.TinyDefaultSpec().n_val
+    assert data.seed is not None
+    val = overlay.actor_rollout_ref.rollout.val_kwargs
+    assert val.temperature == 0 and val.do_sample is False and val.n == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data files and reward
 
@@ -241,7 +363,7 @@ def test_math_verify_custom_reward(built):
         assert fn(ds, f"so \\boxed{{{int(gt) - 1}}}", gt, extra_info=info)["score"] == 0.0
 
 
-def test_verl_renders_the_trained_prompt(built, tokenizer):
+def test_verl_renders_the_trained_prompt(built, tokenizer, tmp_path):
     """verl's dataset + rollout tokenisation (data.apply_chat_template_kwargs = CHAT_TEMPLATE_KWARGS = {}) gives
     exactly the prompt ids the warm start trained on."""
     from omegaconf import OmegaConf
@@ -251,7 +373,7 @@ def test_verl_renders_the_trained_prompt(built, tokenizer):
     config = OmegaConf.create(
         {
             "max_prompt_length": 128,
-            "cache_dir": str(Path(built[0].cache_dir).parent / "verl-cache"),
+            "cache_dir": str(tmp_path / "verl-cache"),
             "apply_chat_template_kwargs": dict(td.CHAT_TEMPLATE_KWARGS),
         }
     )
@@ -286,7 +408,7 @@ def test_second_call_uses_cache(built):
 def test_cheap_builds_are_deterministic_and_share_tokenizer_and_data(built, tmp_path):
     a = td.build_tiny_default(tmp_path / "a", spec=CHEAP)
     b = td.build_tiny_default(tmp_path / "b", spec=CHEAP)
-    assert a.steps == b.steps == 10 and a.accuracy == b.accuracy
+    assert a.steps == b.steps == 10 and a.accuracy == b.accuracy and a.teacher_accuracy == b.teacher_accuracy
     ma, mb = a.manifest, b.manifest
     assert ma["files"] == mb["files"]  # every file byte-identical, model weights included
     mdef = built[0].manifest
@@ -306,18 +428,19 @@ def test_interrupted_or_corrupted_build_is_rebuilt(tmp_path):
     fixed = td.build_tiny_default(root, spec=CHEAP)
     assert fixed.manifest["files"] == first.manifest["files"]
     # another spec in the same directory is not mistaken for this one
-    other = td.TinyDefaultSpec(band=(0.0, 1.0), check_every=5, check_below_loss=100.0)
+    other = dataclasses.replace(CHEAP, train_steps=5, check_every=5)
     assert td.build_tiny_default(root, spec=other).steps == 5
     assert not list(tmp_path.glob("*.partial-*"))
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SSOPD_CACHE", str(tmp_path))
-    assert td.default_cache_dir() == tmp_path / "tiny-default-v1"
+    assert td.CACHE_NAME == f"tiny-default-v{td.CACHE_VERSION}"
+    assert td.default_cache_dir() == tmp_path / td.CACHE_NAME
     other = td.default_cache_dir(CHEAP)
-    assert other.parent == tmp_path and other.name.startswith("tiny-default-v1-")
+    assert other.parent == tmp_path and other.name.startswith(td.CACHE_NAME + "-")
     monkeypatch.delenv("SSOPD_CACHE")
-    assert td.default_cache_dir() == Path.home() / ".cache" / "ssopd_verl" / "tiny-default-v1"
+    assert td.default_cache_dir() == Path.home() / ".cache" / "ssopd_verl" / td.CACHE_NAME
 
 
 def test_cli_reports_cached_build(built):
@@ -342,3 +465,24 @@ def test_task_text():
     assert td.Problem(97, 48).solution.endswith("9+4+1=14\n</think>\n\n\\boxed{145}")
     assert td.is_correct("a \\boxed{1} b \\boxed{85}", "85") and not td.is_correct("\\boxed{85", "85")
     assert not td.is_correct("<think>\n</think>", "3")
+
+
+def test_slipped_solutions():
+    import random
+
+    rng = random.Random(0)
+    # a carry problem: the carry is dropped, and the answer follows from it
+    assert td.Problem(37, 48).slipped_solution(rng) == "<think>\n7+8=15\n3+4=7\n</think>\n\n\\boxed{75}"
+    assert td.Problem(97, 48).slipped_solution(rng) == "<think>\n7+8=15\n9+4=13\n</think>\n\n\\boxed{135}"
+    seen = set()
+    for a in range(10, 100):
+        for b in range(10, 100):
+            p = td.Problem(a, b)
+            slipped = p.slipped_solution(rng)
+            assert td.is_correct(p.solution, p.answer) and not td.is_correct(slipped, p.answer)
+            assert slipped.startswith("<think>\n") and slipped.count("\n") == p.solution.count("\n")
+            if not p.has_carry:  # one column sum off by one, the rest consistent with it
+                good, bad = p.solution.split("\n")[1:3], slipped.split("\n")[1:3]
+                assert sum(g != s for g, s in zip(good, bad)) >= 1
+                seen.add(next(i for i, (g, s) in enumerate(zip(good, bad)) if g != s))
+    assert seen == {0, 1}
