@@ -65,6 +65,12 @@ class SSOPDConfig:
     chunk_size: int = 128
     # Seed of the random_correct / random_wrong ablations (mixed with the step number).
     seed: int = 0
+    # Token view (ssopd_verl.token_view): every N steps an HTML page of up to token_view_targets distilled targets,
+    # each token coloured by its loss, written to token_view_dir/step_<N>.html (None: the run's checkpoint
+    # directory, trainer.default_local_dir, /token_view). 0 = off (the production scripts).
+    token_view_every: int = 0
+    token_view_targets: int = 4
+    token_view_dir: Optional[str] = None
 
     def __post_init__(self):
         _number("lambda", self.lam, ">= 0", lambda v: v >= 0)
@@ -106,6 +112,12 @@ class SSOPDConfig:
         )
         _integer("chunk_size", self.chunk_size, minimum=1)
         _integer("seed", self.seed, minimum=0)
+        _integer("token_view_every", self.token_view_every, minimum=0)
+        _integer("token_view_targets", self.token_view_targets, minimum=1)
+        _check(
+            self.token_view_dir is None or (isinstance(self.token_view_dir, str) and self.token_view_dir.strip() != ""),
+            f"ssopd.token_view_dir must be a directory path or null, got {_show(self.token_view_dir)}",
+        )
 
     @property
     def enabled(self) -> bool:

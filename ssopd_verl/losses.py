@@ -175,6 +175,7 @@ class ForwardKLTerms(NamedTuple):
     teacher_logp_sampled: Optional[torch.Tensor] = None  # log p_T[sampled token]
     student_logp_sampled: Optional[torch.Tensor] = None  # log p_S[sampled token]
     teacher_argmax_differs: Optional[torch.Tensor] = None  # 1.0 where argmax_v p_T != sampled token, else 0.0
+    teacher_argmax: Optional[torch.Tensor] = None  # int64 argmax_v p_T (-1 on teacher_nonfinite rows)
 
 
 class _PrecomputedGradient(torch.autograd.Function):
@@ -365,6 +366,7 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
     out["teacher_nonfinite"] = torch.zeros(n, dtype=torch.bool, device=device)
     if sampled_ids is not None:
         out.update({name: torch.zeros(n, dtype=dtype, device=device) for name in _DIAGNOSTICS})
+        out["teacher_argmax"] = torch.full((n,), -1, dtype=torch.int64, device=device)
 
     # The gradient w.r.t. the student logits: the only (M, V) allocation. Rows that are not distilled stay 0.
     grad = None
@@ -416,7 +418,9 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
             ids = sampled_ids[lo:hi].unsqueeze(-1)
             out["teacher_logp_sampled"][lo:hi] = logp_t.gather(-1, ids).squeeze(-1)
             out["student_logp_sampled"][lo:hi] = logp_s.gather(-1, ids).squeeze(-1)
-            out["teacher_argmax_differs"][lo:hi] = (logp_t.argmax(-1) != ids.squeeze(-1)).to(dtype)
+            argmax = logp_t.argmax(-1)
+            out["teacher_argmax"][lo:hi] = argmax
+            out["teacher_argmax_differs"][lo:hi] = (argmax != ids.squeeze(-1)).to(dtype)
         logp_t.clamp_(min=log_zero)
         logp_s.clamp_(min=log_zero)
 
@@ -429,6 +433,7 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
         if sampled_ids is not None:
             for name in _DIAGNOSTICS:
                 out[name][lo:hi].masked_fill_(bad, 0.0)
+            out["teacher_argmax"][lo:hi].masked_fill_(bad, -1)
 
         if g is not None:
             g.masked_fill_(bad.unsqueeze(-1), 0.0)

@@ -69,15 +69,20 @@ class TokenViewRecord:
     teacher_logp: list[float]
     student_logp: list[float]
     teacher_argmax: list[int]
-    reward_target: float
+    reward_target: Optional[float] = None  # None: not known where the record was made (shown as –)
     reward_witness: Optional[float] = None
+    # True: witness_ids hold the teacher's whole prompt (problem, template and witness), as the trainer's worker
+    # sees it; the page then says so instead of "witness".
+    witness_is_teacher_prompt: bool = False
 
     def __post_init__(self) -> None:
         self.step = int(self.step)
         self.uid = str(self.uid)
         self.problem = "" if self.problem is None else str(self.problem)
         self.weight = _as_float(self.weight, "weight")
-        self.reward_target = _as_float(self.reward_target, "reward_target")
+        if self.reward_target is not None:
+            self.reward_target = _as_float(self.reward_target, "reward_target")
+        self.witness_is_teacher_prompt = bool(self.witness_is_teacher_prompt)
         if self.reward_witness is not None:
             self.reward_witness = _as_float(self.reward_witness, "reward_witness")
         self.witness_ids = _as_ids(self.witness_ids, "witness_ids")
@@ -334,9 +339,12 @@ def _record_html(index: int, rec: TokenViewRecord, dec: _Decoder, scale: float, 
     loss_arr = np.asarray(rec.loss, dtype=np.float64)
     finite = loss_arr[np.isfinite(loss_arr)]
     witness_reward = "reference solution" if rec.reward_witness is None else _num(rec.reward_witness)
+    if rec.witness_is_teacher_prompt:
+        witness_reward = "&ndash;"
     meta = (
         f"step {rec.step} &middot; group {_esc(rec.uid)} &middot; weight {_num(rec.weight)} &middot; "
-        f"reward target {_num(rec.reward_target)} / witness {witness_reward} &middot; "
+        f"reward target {'&ndash;' if rec.reward_target is None else _num(rec.reward_target)} / witness "
+        f"{witness_reward} &middot; "
         f"{n} target tokens &middot; mean loss {_num(_finite_mean(rec.loss))} &middot; "
         f"sum loss {_num(float(finite.sum()) if finite.size else float('nan'))} &middot; "
         f"max loss {_num(float(finite.max()) if finite.size else float('nan'))} &middot; "
@@ -354,6 +362,11 @@ def _record_html(index: int, rec: TokenViewRecord, dec: _Decoder, scale: float, 
     if witness_cut:
         witness_html += f'<span class="omitted">[&hellip; {witness_cut} more characters of witness text omitted]</span>'
     witness_title = "reference solution" if rec.reward_witness is None else "correct sibling completion"
+    witness_heading = (
+        f"The teacher's prompt (problem, template and witness, {len(rec.witness_ids)} tokens)"
+        if rec.witness_is_teacher_prompt
+        else f"Witness ({witness_title}, {len(rec.witness_ids)} tokens) &mdash; in the teacher's prompt"
+    )
 
     spans = [
         _token_span(
@@ -380,8 +393,7 @@ def _record_html(index: int, rec: TokenViewRecord, dec: _Decoder, scale: float, 
         f'<div class="meta">{meta}</div>\n'
         f'<div class="problem">{problem_html}</div>\n'
         f'<div class="cols">\n'
-        f'<div class="col"><h3>Witness ({witness_title}, {len(rec.witness_ids)} tokens) '
-        f"&mdash; in the teacher's prompt</h3>"
+        f'<div class="col"><h3>{witness_heading}</h3>'
         f'<div class="text witness">{witness_html}</div></div>\n'
         f'<div class="col"><h3>Target (wrong completion, {n} tokens) &mdash; distilled</h3>'
         f'<div class="text target">{"".join(spans)}</div></div>\n'

@@ -205,6 +205,7 @@ def test_chunked_matches_reference(clip, temperature):
         torch.testing.assert_close(terms.clipped_mass, ref_clipped_mass(d, p_t, clip), **FP64)
         assert terms.teacher_nonfinite.dtype == torch.bool and not terms.teacher_nonfinite.any()
         assert terms.teacher_logp_sampled is terms.student_logp_sampled is terms.teacher_argmax_differs is None
+        assert terms.teacher_argmax is None
         assert not any(x.requires_grad for x in (terms.kl, terms.clipped_mass, terms.teacher_nonfinite))
         if clip != "none":  # the data clip some rows and leave others untouched
             assert (terms.clipped_mass > 0).any() and (terms.clipped_mass == 0).any()
@@ -363,8 +364,9 @@ def test_nonfinite_teacher_rows_are_skipped(clip, topk):
     (terms.loss * torch.arange(1.0, n + 1, dtype=torch.float64)).sum().backward()
     bad = torch.tensor([False, True, False, False, True, False])
     assert terms.teacher_nonfinite.tolist() == bad.tolist()
-    for field in terms:
-        if field is not None and field.dtype != torch.bool:
+    assert terms.teacher_argmax[bad].eq(-1).all() and terms.teacher_argmax[~bad].ge(0).all()
+    for name, field in zip(terms._fields, terms):
+        if field is not None and field.dtype != torch.bool and name != "teacher_argmax":
             assert torch.isfinite(field).all()
             assert not field[bad].any()
     assert torch.isfinite(s.grad).all() and not s.grad[bad].any()
@@ -407,6 +409,7 @@ def test_sampled_token_diagnostics(prescaled):
     expected_differs = (teacher.argmax(-1) != ids).double()
     assert expected_differs[:3].eq(0).all() and expected_differs.eq(1).any()
     torch.testing.assert_close(terms.teacher_argmax_differs, expected_differs, rtol=0, atol=0)
+    assert torch.equal(terms.teacher_argmax, teacher.argmax(-1))  # the token view shows it
     # The diagnostics change nothing else.
     plain = chunked_clipped_forward_kl(fed, hidden, weight, lm_head_bias=b, temperature=temperature, chunk_size=4,
                                        student_rows=rows, student_prescaled=prescaled)

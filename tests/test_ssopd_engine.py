@@ -168,9 +168,9 @@ def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_mo
     engine.optimizer_zero_grad()
     with engine.eval_mode():
         out = loss_fn(student_logits=student[None], data=td)
-    from ssopd_verl.glue.actor_loss import DIAGNOSTICS, OUT_LOSS, OUT_NONFINITE
+    from ssopd_verl.glue.actor_loss import DIAGNOSTICS, OUT_ARGMAX, OUT_LOSS, OUT_NONFINITE
 
-    assert set(out) == {OUT_LOSS, OUT_NONFINITE, *DIAGNOSTICS}
+    assert set(out) == {OUT_LOSS, OUT_NONFINITE, OUT_ARGMAX, *DIAGNOSTICS}
     assert all(v.shape == (1, packed.shape[0]) for v in out.values())
     upstream = torch.rand(packed.shape[0])
     (out["ssopd_loss"][0] * upstream).sum().backward()
@@ -187,6 +187,8 @@ def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_mo
         ref = ref.index_put((pos,), clipped_forward_kl(
             ref_student[pos] * TEMPERATURE, teacher, tau=cfg.tau, clip=clip, temperature=TEMPERATURE
         ))
+        # the teacher's argmax, for the token view (fp32 logits from two code paths: allow a near-tie to differ)
+        assert (out[OUT_ARGMAX][0][pos].long() == teacher.argmax(-1)).float().mean() > 0.95
     (ref * upstream).sum().backward()
     torch.testing.assert_close(out["ssopd_loss"][0].detach(), ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student.grad, ref_student.grad, atol=1e-6, rtol=1e-5)

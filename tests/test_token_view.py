@@ -248,3 +248,15 @@ def test_mapping_records_and_write(qwen_tokenizer, tmp_path):
     text = out.read_text(encoding="utf-8")
     assert text == render_html([rec], tok, title="t")
     assert "π ≈ 3.14159 &lt;x&gt;" in text
+
+
+def test_record_from_the_trainer_shows_the_teachers_prompt_and_an_unknown_reward(qwen_tokenizer):
+    """What the worker writes (ssopd.token_view_every): the teacher's whole prompt in place of the witness and no
+    reward (the update batch does not carry it)."""
+    tok = qwen_tokenizer
+    rec = _record(tok, witness_text="Problem. Here is a reference solution: x = 7", reward_target=None,
+                  witness_is_teacher_prompt=True)  # fmt: skip
+    page = render_html([rec], tok)
+    assert "The teacher's prompt (problem, template and witness" in page and "Witness (" not in page
+    assert "reward target &ndash; / witness &ndash;" in page
+    assert len(_spans(page)) == len(rec.target_ids)

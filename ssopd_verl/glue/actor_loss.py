@@ -53,6 +53,10 @@ DIAGNOSTICS = {
     "ssopd_argmax_differs": "teacher_argmax_differs",  # 1 where the teacher's argmax is another token
 }
 OUT_NONFINITE = "ssopd_teacher_nonfinite"  # 1 at positions whose teacher logits were NaN/inf (masked out)
+OUT_ARGMAX = "ssopd_teacher_argmax"  # the teacher's most likely token (as float; -1 = none), for the token view
+# Non-tensor field the trainer adds to an update batch when a token view is due (ssopd.token_view_every): the step.
+TOKEN_VIEW_STEP = "ssopd_token_view_step"
+TOKEN_VIEW_PATH = "ssopd_token_view_path"  # and the HTML file rank 0 writes
 
 
 def mark_for_distillation(data: TensorDict, ssopd: SSOPDConfig) -> None:
@@ -75,6 +79,7 @@ class SSOPDActorLoss:
         self.rollout_n = rollout_n
         self.teacher = TeacherForward(engine, adapters=ssopd.teacher == "live") if engine is not None else None
         self._teacher_seconds = 0.0  # teacher forward + loss time since the last loss call (timing metric)
+        self.view_records: list[dict] = []  # token-view records of the current update (TokenViewRecord fields)
 
     def __call__(self, model_output=None, data: TensorDict = None, dp_group=None, student_logits=None):
         if student_logits is not None:
@@ -107,7 +112,7 @@ class SSOPDActorLoss:
             # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
             loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
             self._teacher_seconds += time.perf_counter() - started
-            return {OUT_LOSS: loss.unsqueeze(0), OUT_NONFINITE: zeros.unsqueeze(0)} | {
+            return {OUT_LOSS: loss.unsqueeze(0), OUT_NONFINITE: zeros.unsqueeze(0), OUT_ARGMAX: zeros.unsqueeze(0)} | {
                 key: zeros.unsqueeze(0) for key in DIAGNOSTICS
             }
 
@@ -149,6 +154,7 @@ class SSOPDActorLoss:
             "ssopd_student_logp": place(terms.student_logp_sampled),
             "ssopd_argmax_differs": place(terms.teacher_argmax_differs),
             OUT_NONFINITE: place(terms.teacher_nonfinite),
+            OUT_ARGMAX: place(terms.teacher_argmax),  # token ids < 2**24: exact in float32
         }
         self._teacher_seconds += time.perf_counter() - started
         return {key: value.unsqueeze(0) for key, value in out.items()}
@@ -197,7 +203,38 @@ class SSOPDActorLoss:
                     metrics[f"ssopd/{name}"] = Metric(value=value, aggregation=AggregationType.MEAN)
                 nonfinite = (no_padding_2_padding(model_output[OUT_NONFINITE], data) * target_mask).sum()
                 metrics["ssopd/teacher_nonfinite"] = Metric(value=nonfinite, aggregation=AggregationType.SUM)
+                step = tu.get_non_tensor_data(data, TOKEN_VIEW_STEP, None)
+                if step is not None and _is_rank_zero() and len(self.view_records) < self.ssopd.token_view_targets:
+                    self._collect_view(int(step), model_output, data, mask, weights)
         return policy_loss + self.ssopd.lam * distill, metrics
+
+    def _collect_view(self, step: int, model_output, data: TensorDict, mask: torch.Tensor, weights) -> None:
+        """Keep this micro-batch's targets for the token view (ssopd_verl.token_view), up to token_view_targets:
+        per distilled token its loss, unclipped KL, teacher/student log-prob of the sampled token and the
+        teacher's argmax; the teacher's whole prompt stands in for the witness (the witness row may sit in
+        another micro-batch)."""
+        per_token = {key: no_padding_2_padding(model_output[key], data).detach().float().cpu()
+                     for key in (OUT_LOSS, "ssopd_kl", "ssopd_teacher_logp", "ssopd_student_logp", OUT_ARGMAX)}  # fmt: skip
+        counts = mask.sum(-1).long().cpu()
+        prompt_lens = data["prompts"].offsets().diff().cpu()
+        for row in torch.nonzero(weights > 0).flatten().tolist():
+            if len(self.view_records) >= self.ssopd.token_view_targets:
+                break
+            n, p = int(counts[row]), int(prompt_lens[row])
+            ids = data["input_ids"][row].cpu()
+            teacher_ids = data[TEACHER_IDS][row].cpu()
+            values = {key: per_token[key][row, :n].tolist() for key in per_token}
+            self.view_records.append(dict(
+                step=step, uid=f"row {len(self.view_records)}", weight=float(weights[row]),
+                problem=ids[:p].tolist(), witness_ids=teacher_ids[: int(data[TEACHER_PROMPT_LEN][row])].tolist(),
+                target_ids=ids[p : p + n].tolist(), loss=values[OUT_LOSS], kl=values["ssopd_kl"],
+                teacher_logp=values["ssopd_teacher_logp"], student_logp=values["ssopd_student_logp"],
+                teacher_argmax=[int(a) for a in values[OUT_ARGMAX]], witness_is_teacher_prompt=True,
+            ))  # fmt: skip
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _padded(data: TensorDict, key: str) -> torch.Tensor:

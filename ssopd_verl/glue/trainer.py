@@ -8,7 +8,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
   to the batch (`distill_plan.plan_distillation`). This runs after `_balance_batch`, so the rows verl pads and
   reorders already carry their final fields; padding rows get weight 0.
-* `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`.
+* `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`; every
+  `ssopd.token_view_every` steps it asks the worker for a token view (`ssopd_verl.token_view`) and prints its path.
 * `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
   `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
@@ -35,7 +36,7 @@ from ssopd_verl import console
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.distill_plan import plan_distillation
 from ssopd_verl.glue import estimator
-from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN
+from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN, TOKEN_VIEW_PATH, TOKEN_VIEW_STEP
 from ssopd_verl.glue.checks import check_config, plain as _plain, warn_if_teacher_may_not_fit
 from ssopd_verl.glue.worker import SSOPDActorRolloutRefWorker
 
@@ -82,10 +83,29 @@ class SSOPDTrainer(PPOTrainerSync):
         return self._plan_distillation(batch, metrics)
 
     def _update_actor(self, batch, metrics):
+        view = self._token_view_path()
+        batch.extra_info.pop(TOKEN_VIEW_STEP, None)
+        batch.extra_info.pop(TOKEN_VIEW_PATH, None)
+        if view is not None:  # verl hands extra_info to the worker's micro-batches as non-tensor fields
+            view.unlink(missing_ok=True)  # a page left by an earlier run of this step must not pass for this one
+            batch.extra_info.update({TOKEN_VIEW_STEP: self.global_steps, TOKEN_VIEW_PATH: str(view)})
         batch = super()._update_actor(batch, metrics)
+        if view is not None:
+            # rank 0 writes it when its micro-batches held targets; on a multi-node job the file is on rank 0's node
+            state = "written" if view.exists() else "not written (no target on rank 0 this step)"
+            print(f"ssopd: token view of step {self.global_steps}: {view} {state}", flush=True)
         for key in [k for k in metrics if k.startswith("actor/ssopd/")]:
             metrics[key[len("actor/") :]] = metrics.pop(key)
         return batch
+
+    def _token_view_path(self) -> Optional[Path]:
+        """``ssopd.token_view_dir`` (default ``<trainer.default_local_dir>/token_view``)/step_<N>.html on the steps
+        ``ssopd.token_view_every`` asks for; None on the others, when off, or when nothing is distilled."""
+        every = self.ssopd.token_view_every
+        if not self.ssopd.enabled or every <= 0 or self.global_steps % every:
+            return None
+        directory = self.ssopd.token_view_dir or os.path.join(self.config.trainer.default_local_dir, "token_view")
+        return Path(directory).absolute() / f"step_{self.global_steps:06d}.html"
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)

@@ -5,7 +5,8 @@ Two small overrides, both through verl's public surface:
   `set_loss_fn` (the loss needs the engine for the teacher forward).
 * `update_actor`: mark the micro-batches with `distillation_use_topk=True`, the flag on which verl's FSDP engine
   calls the loss as a logits processor (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not
-  see it. With lambda = 0 the flag stays off and the update is verl's GRPO update, unchanged.
+  see it. With lambda = 0 the flag stays off and the update is verl's GRPO update, unchanged. When the trainer
+  asked for a token view of the step (`TOKEN_VIEW_STEP` and `TOKEN_VIEW_PATH` in the batch), rank 0 writes the targets its loss kept.
 
 The trainer maps the actor role to this class (`SSOPDTrainer._init_resource_pool_mgr`). The `ssopd:` block
 reaches it as `actor_rollout_ref.ssopd`, an interpolation of the top-level block set by the recipe overlay.
@@ -16,12 +17,14 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from verl.plugin.platform import get_platform
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.actor_loss import SSOPDActorLoss, mark_for_distillation
+from ssopd_verl.glue.actor_loss import TOKEN_VIEW_PATH, SSOPDActorLoss, mark_for_distillation
+from ssopd_verl.token_view import write_token_view
 
 
 class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -45,4 +48,18 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data):
         mark_for_distillation(data, self.ssopd)
-        return super().update_actor(data)
+        output = super().update_actor(data)
+        records, self.loss_fn.view_records = self.loss_fn.view_records, []
+        if records:  # kept on rank 0 only
+            tokenizer = self.actor.model_config.tokenizer
+            for record in records:  # the student prompt, as text
+                record["problem"] = tokenizer.decode(record["problem"])
+            write_token_view(tu.get_non_tensor_data(data, TOKEN_VIEW_PATH, None), records, tokenizer,
+                             scale=_token_view_scale(self.ssopd))  # fmt: skip
+        return output
+
+
+def _token_view_scale(ssopd: SSOPDConfig) -> float:
+    """The loss drawn as saturated red: a token's clipped loss is at most tau (clip=token), and in practice a few
+    tau (clip=pointwise: each vocabulary entry is capped at tau); unclipped KLs get the page's default, 1 nat."""
+    return {"token": ssopd.tau, "pointwise": 4 * ssopd.tau}.get(ssopd.clip, 1.0)
