@@ -36,7 +36,8 @@ PANELS = (
     ("ssopd/pairs", r"^ssopd/pairs$"),
     ("ssopd/distill_loss", r"^ssopd/distill_loss$"),
     ("ssopd/kl_unclipped", r"^ssopd/kl_unclipped$"),
-    ("ssopd/clip_frac", r"^ssopd/clip_frac$"),
+    ("ssopd/clipped_teacher_mass", r"^ssopd/clipped_teacher_mass$"),
+    ("teacher vs student log p (target tokens)", r"^ssopd/(teacher|student)_logp_sampled$"),
 )
 
 

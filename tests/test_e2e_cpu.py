@@ -1,34 +1,57 @@
 """The real trainer end to end on CPU: `python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default`.
 
 Everything runs for real: Hydra + our overlays, Ray, TransferQueue, the agent loop with our transformers rollout
-backend, verl's reward loop with the math-verify grader, the SSOPD trainer, worker and loss, checkpointing and
-resume. The embedded tiny default (built once into the user cache) gives mixed groups, so SSOPD has pairs.
+backend, verl's reward loop with the bounded grader, the SSOPD trainer, worker and loss, checkpointing and resume.
+The embedded tiny default (built once into the user cache) gives mixed groups, so SSOPD has pairs.
+
+Three runs, one after the other, share the work of several checks:
+
+* A, the README's main job (full fine-tuning, live teacher): validation, 3 steps, a checkpoint at step 2 (and at
+  the end), a token view at step 2.
+* C resumes from A's step-2 checkpoint alone, in a fresh directory, and must log A's step 3: the rollout's samples
+  are a pure function of (seed, step, request) (``ssopd_verl.cpu.rollout``), the checkpoint holds the weights, the
+  optimizer and the dataloader position, so everything derived from the samples is equal, and the losses equal up
+  to the order of float sums.
+* E, the experiment command (`scripts/experiment_cpu.py`) at 2 steps for `ssopd-initial`: the reported setup's
+  shape (LoRA actor merged into the rollout's weights; ``ssopd.teacher=initial``, the base model with the adapters
+  disabled; ``ssopd.max_distill_tokens``). LoRA starts as the identity (B = 0), so with A's seed its step 1 samples
+  exactly what A's step 1 sampled, and its step-0 validation scores the start checkpoint exactly as A's did.
 """
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 PROJECT, EXPERIMENT = "ssopd-tiny", "e2e"
+# decided by the samples alone: must be equal between runs that sampled the same completions
+SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean", "ssopd/target_len_mean",
+                  "ssopd/teacher_len_mean", "critic/score/mean", "critic/score/min", "critic/score/max",
+                  "response_length/mean", "response_length/max", "response_length/min")  # fmt: skip
+# Equal up to the order of float32 sums (verl orders a batch by completion time): both are means of per-token terms
+# of order 1 that nearly cancel, so a different row order moves them by ~1e-8 absolute.
+LOSS_METRICS = ("actor/pg_loss", "ssopd/distill_loss")
 
 
-def main_ppo(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def main_ppo(workdir: Path, *overrides: str) -> dict[int, dict]:
+    """Run the main job in ``workdir`` (verl's file logger writes under it); returns its metrics by step."""
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # the +platform=cpu overlay selects it
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
         f"trainer.project_name={PROJECT}", f"trainer.experiment_name={EXPERIMENT}",
-        "trainer.val_before_train=false", "trainer.test_freq=2", "trainer.save_freq=2",
         f"trainer.default_local_dir={workdir / 'checkpoints'}", *overrides,
-    ]
+    ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
     (workdir / "main_ppo.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return proc
+    return tracker(workdir / PROJECT / f"{EXPERIMENT}.jsonl")
 
 
 def tracker(path: Path) -> dict[int, dict]:
@@ -40,45 +63,92 @@ def tracker(path: Path) -> dict[int, dict]:
     return steps
 
 
+def validation(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("val-core/") and "/acc/" in k}
+
+
+def assert_same_samples(want: dict, got: dict, ignore: tuple = ()) -> None:
+    assert want["ssopd/pairs"] >= 1  # the step had something to distil: the comparison is not vacuous
+    for key in set(SAMPLE_METRICS) - set(ignore):
+        assert got[key] == want[key], (key, want[key], got[key])
+
+
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e")
-    main_ppo(workdir, "trainer.total_training_steps=2")
-    return workdir
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    main = main_ppo(root / "a", "trainer.total_training_steps=3", "trainer.save_freq=2", "trainer.test_freq=2",
+                    "trainer.val_before_train=true", "actor_rollout_ref.rollout.seed=0")  # the experiment's seed 0
+    checkpoints = root / "c" / "checkpoints"  # a fresh directory holding only A's step-2 checkpoint
+    shutil.copytree(root / "a" / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed = main_ppo(root / "c", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.test_freq=-1",
+                       "trainer.val_before_train=false", "trainer.resume_mode=auto",
+                       "actor_rollout_ref.rollout.seed=0")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
+         "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
+         "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16"],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    experiment = tracker(root / "e" / "runs" / "ssopd-initial-s0" / "experiment" / "ssopd-initial-s0.jsonl")
+    return {"root": root, "main": main, "resumed": resumed, "experiment": experiment}
 
 
-def test_two_ssopd_steps_log_pairs_and_distillation(first_run):
-    steps = tracker(first_run / PROJECT / f"{EXPERIMENT}.jsonl")
-    assert {1, 2} <= set(steps)
-    for step in (1, 2):
+def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
+    steps, root = runs["main"], runs["root"]
+    assert {0, 1, 2, 3} <= set(steps)
+    for step in (1, 2, 3):
         ssopd = {k: v for k, v in steps[step].items() if k.startswith("ssopd/")}
         assert all(math.isfinite(v) for v in ssopd.values()), ssopd
         assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/frontier_frac"] > 0
-        assert ssopd["ssopd/distill_loss"] > 0
-        for key in ("ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/witness_len_mean", "ssopd/target_len_mean",
-                    "ssopd/witness_truncations"):
-            assert key in ssopd
+        # distilled: the pointwise-clipped loss can be slightly negative (only positive entries are capped)
+        assert ssopd["ssopd/distill_loss"] != 0 and ssopd["ssopd/kl_unclipped"] > 0
+        for key in ("ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/witness_len_mean",
+                    "ssopd/target_len_mean", "ssopd/witness_truncations", "ssopd/teacher_logp_sampled",
+                    "ssopd/student_logp_sampled", "ssopd/teacher_argmax_differs", "timing_s/ssopd_teacher"):  # fmt: skip
+            assert key in steps[step], key
         assert "actor/pg_loss" in steps[step]
-    assert any(k.startswith("val-core/") and "/acc/" in k for k in steps[2])  # validation accuracy at step 2
-    checkpoint = first_run / "checkpoints" / "global_step_2" / "actor"
-    assert (checkpoint / "model_world_size_1_rank_0.pt").exists()
-    assert (first_run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert validation(steps[0]) and validation(steps[2])  # before training and at test_freq
+    assert (root / "a" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()
+    assert (root / "a" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
-def test_resume_continues_from_step_two(first_run):
-    proc = main_ppo(first_run, "trainer.total_training_steps=3", "trainer.resume_mode=auto")
-    assert "global_step_2" in proc.stdout + proc.stderr
-    resumed = tracker(first_run / PROJECT / f"{EXPERIMENT}.jsonl")
-    train_steps = sorted(s for s, data in resumed.items() if "ssopd/pairs" in data)
-    assert train_steps == [3]  # not 1: the run continued after the checkpoint
-    # the first run's metrics were kept, not overwritten by verl's file logger
-    kept = tracker(first_run / PROJECT / f"{EXPERIMENT}.1.jsonl")
-    assert {1, 2} <= set(kept)
+def test_token_view_of_step_two(runs):
+    """The tiny default asks for a token view every 2 steps (ssopd.token_view_every): step 2's page holds up to
+    4 distilled targets, each with its tokens coloured by loss and the teacher's prompt beside them."""
+    root = runs["root"]
+    pages = sorted((root / "a" / "checkpoints" / "token_view").glob("*.html"))
+    assert [p.name for p in pages] == ["step_000002.html"]
+    page = pages[0].read_text()
+    assert 1 <= page.count('<div class="record"') <= 4
+    assert "The teacher's prompt (problem, template and witness" in page
+    assert "Here is a reference solution to this problem" in page  # the template, in the teacher's prompt
+    assert "boxed{" in page  # the witness's answer
+    assert '<span class="t' in page and 'style="background:rgb(' in page  # tokens coloured by their loss
+    assert "ssopd: token view of step 2:" in (root / "a" / "main_ppo.log").read_text()
 
 
-def test_lambda_zero_runs_plain_grpo_through_the_same_path(tmp_path):
-    main_ppo(tmp_path, "trainer.total_training_steps=1", "ssopd.lambda=0", "trainer.save_freq=-1")
-    steps = tracker(tmp_path / PROJECT / f"{EXPERIMENT}.jsonl")
-    assert "actor/pg_loss" in steps[1]
-    assert steps[1]["ssopd/pairs"] >= 1  # the pairing is still measured...
-    assert "ssopd/distill_loss" not in steps[1]  # ...but nothing is distilled
+def test_resumed_step_three_equals_the_uninterrupted_one(runs):
+    main, resumed = runs["main"], runs["resumed"]
+    assert sorted(s for s, data in resumed.items() if "ssopd/pairs" in data) == [3]  # it really resumed
+    assert_same_samples(main[3], resumed[3])
+    for key in LOSS_METRICS:
+        assert math.isclose(resumed[3][key], main[3][key], rel_tol=1e-6, abs_tol=1e-7), key
+
+
+def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon(runs):
+    main, lora = runs["main"], runs["experiment"]
+    assert validation(lora[0]) == validation(main[0])  # greedy on all 128 problems: one score per checkpoint
+    # LoRA starts as the identity: the same seed samples the same step 1 (the teacher sequences are shorter: their
+    # targets are cut to 16 tokens)
+    assert_same_samples(main[1], lora[1], ignore=("ssopd/teacher_len_mean",))
+    assert lora[1]["ssopd/teacher_len_mean"] < main[1]["ssopd/teacher_len_mean"]
+    # the PPO loss is the same too (same samples, same log-probs): the LoRA actor's forward equals the full one's
+    assert math.isclose(lora[1]["actor/pg_loss"], main[1]["actor/pg_loss"], rel_tol=1e-5, abs_tol=1e-6)
+    # at step 1 the initial teacher is the live one: the same targets, cut to their first 16 tokens
+    assert lora[1]["ssopd/distilled_tokens"] <= 16 * lora[1]["ssopd/pairs"] < main[1]["ssopd/distilled_tokens"]
+    assert lora[1]["ssopd/distill_loss"] != 0 and lora[2]["ssopd/kl_unclipped"] > 0
+    assert validation(lora[2])
+    text = (runs["root"] / "evidence.md").read_text()
+    assert "| ssopd-initial | 1 |" in text and (runs["root"] / "e" / "evidence.png").exists()

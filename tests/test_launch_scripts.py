@@ -1,8 +1,11 @@
-"""The nine launch scripts compose against verl's real config (`--cfg job` through the script's own overrides).
+"""The nine launch scripts compose against verl's real config, through the script's own overrides.
 
-All nine dry runs start at once (each is a ~6 s `python -m verl.trainer.main_ppo ... --cfg job`), then the composed
-configs are checked: the shared base values, the per-size values, the method lines, verl's own config validation,
-SSOPD's start-up check, and that the three methods of a size differ only in the ssopd.* lines (and their names).
+Each script prints its Hydra overrides (`DRY_RUN=args`, bash only); they are composed here in one process with
+Hydra's compose API against verl's `ppo_trainer` config, as `main_ppo` composes them, and SSOPD's start-up check
+runs on each. One script also runs for real as `--dry-run` (`python -m verl.trainer.main_ppo ... --cfg job`, the
+Hydra callback included) with command-line overrides, and must print the same config as its in-process twin.
+Then the composed configs are checked: the shared base values, the per-size values, the method lines, verl's own
+config validation, and that the three methods of a size differ only in the ssopd.* lines (and their names).
 """
 
 import os
@@ -29,6 +32,19 @@ def _launch(script, cwd, env, *args):
     )
 
 
+def _compose(overrides: list[str]) -> dict:
+    """What `main_ppo ... --cfg job` prints (interpolations unresolved), composed in this process; plus the check
+    that the recipe's Hydra callback runs before verl's main()."""
+    from hydra import compose, initialize_config_module
+
+    from ssopd_verl.glue.checks import check_config
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    check_config(cfg)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory):
     """{script name: composed config}, from `DRY_RUN=1 bash <script>` run outside the repo, all at once; plus
@@ -38,17 +54,20 @@ def composed(tmp_path_factory):
     for key in ("MODEL_PATH", "TRAIN_FILES", "VAL_FILES", "NNODES", "EXPERIMENT_NAME", "ROLLOUT_N", "DRY_RUN"):
         env.pop(key, None)  # the defaults are under test
     env.pop("VERL_PLATFORM", None)  # conftest selects the CPU platform for in-process tests; these target GPUs
-    procs = {name: _launch(name, cwd, {**env, "DRY_RUN": "1"}) for name in SCRIPTS}
-    procs["full"] = _launch("qwen3_8b_ssopd", cwd, {**env, "DRY_RUN": "1", "SETUP": "full"})
-    procs["passthrough"] = _launch(
-        "qwen3_4b_ssopd", cwd, {**env, "MODEL_PATH": "/models/mine", "NNODES": "4"},
-        "--dry-run", "ssopd.tau=0.1", "trainer.total_training_steps=7",
-    )
+    passthrough = ("ssopd.tau=0.1", "trainer.total_training_steps=7")
+    passthrough_env = {**env, "MODEL_PATH": "/models/mine", "NNODES": "4"}
+    real = _launch("qwen3_4b_ssopd", cwd, passthrough_env, "--dry-run", *passthrough)  # runs while we compose
+    procs = {name: _launch(name, cwd, {**env, "DRY_RUN": "args"}) for name in SCRIPTS}
+    procs["full"] = _launch("qwen3_8b_ssopd", cwd, {**env, "DRY_RUN": "args", "SETUP": "full"})
+    procs["passthrough"] = _launch("qwen3_4b_ssopd", cwd, {**passthrough_env, "DRY_RUN": "args"}, *passthrough)
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = yaml.safe_load(stdout)
+        out[name] = _compose(stdout.splitlines())
+    stdout, stderr = real.communicate(timeout=600)
+    assert real.returncode == 0, stderr[-3000:]
+    out["real"] = yaml.safe_load(stdout)
     return out
 
 
@@ -162,6 +181,11 @@ def test_command_line_overrides_and_env_knobs_pass_through(composed):
     assert cfg["actor_rollout_ref"]["model"]["path"] == "/models/mine"
     assert cfg["trainer"]["nnodes"] == 4
     assert composed["qwen3_4b_ssopd"]["trainer"]["total_training_steps"] == 300
+
+
+def test_the_real_dry_run_prints_what_the_in_process_compose_gives(composed):
+    """`bash qwen3_4b_ssopd.sh --dry-run ...` through verl's main_ppo (and the recipe's start-up callback)."""
+    assert composed["real"] == composed["passthrough"]
 
 
 def test_variant_scripts_differ_only_in_their_method_lines():

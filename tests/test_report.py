@@ -37,7 +37,7 @@ def test_load_tracker():
     series = load_tracker(SSOPD_LOG)
     assert [s for s, _ in series["critic/score/mean"]] == list(range(1, 13))
     assert [s for s, _ in series["val-core/aime24/acc/mean@4"]] == [0, 5, 10, 12]
-    for key in ("ssopd/frontier_frac", "ssopd/pairs", "ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clip_frac"):
+    for key in ("ssopd/frontier_frac", "ssopd/pairs", "ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clipped_teacher_mass"):
         assert len(series[key]) == 12, key
     assert series["response_length/mean"][0][1] == pytest.approx(9638.08, abs=0.01)
 
@@ -60,7 +60,7 @@ def test_curves_cover_reward_accuracy_length_and_ssopd_metrics(tmp_path):
     assert drawn["reward (critic/score/mean)"] == ["SSOPD:critic/score/mean", "GRPO:critic/score/mean"]
     assert len(drawn["validation accuracy"]) == 6  # 3 validation sets x 2 runs
     assert drawn["response length (mean)"] == ["SSOPD:response_length/mean", "GRPO:response_length/mean"]
-    for name in ("frontier_frac", "pairs", "distill_loss", "kl_unclipped", "clip_frac"):
+    for name in ("frontier_frac", "pairs", "distill_loss", "kl_unclipped", "clipped_teacher_mass"):
         assert f"SSOPD:ssopd/{name}" in drawn[f"ssopd/{name}"]
     assert drawn["ssopd/distill_loss"] == ["SSOPD:ssopd/distill_loss"]  # GRPO (lambda = 0) logs no distill loss
 

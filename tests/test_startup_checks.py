@@ -1,9 +1,9 @@
 """Settings SSOPD cannot run are refused at start-up, naming the key, before any worker or rollout starts.
 
 In-process: the recipe overlay composed once by Hydra (verl's `ppo_trainer` + `+recipe=ssopd`), then each bad
-setting applied as Hydra parses it from the command line, then `check_config`. Subprocess: three real
-`python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default <bad>` runs exit non-zero within
-seconds, naming the key, without starting Ray (verl prints "ray init kwargs" just before `ray.init`), a
+setting applied as Hydra parses it from the command line, then `check_config`. Subprocess: two real
+`python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default <bad>` runs exit non-zero,
+naming the key, without starting Ray (verl prints "ray init kwargs" just before `ray.init`), a
 validation pass or a training step: the recipe's Hydra callback refuses them before verl's `main()` runs.
 """
 
@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -200,8 +199,9 @@ def test_valid_values_pass(good, override, value):
 
 
 # ---- the real entry point: refused before Ray, a rollout or validation ----------------------------------------
+# Two real runs (each ~10-15 s of verl imports): a wrong ssopd.* value and a verl setting the recipe cannot run; the
+# other refusals go through the same callback and are checked in-process above.
 BAD_RUNS = {
-    "legacy-trainer": ("trainer.use_v1=false", "trainer.use_v1=false"),
     "ssopd-type": ("ssopd.lambda='1.0'", "ssopd.lambda must be a finite number >= 0, got '1.0' (str)"),
     "ulysses": (
         "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
@@ -212,8 +212,7 @@ BAD_RUNS = {
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
-    """The three runs from the repo root (Hydra's output directory under tmp), one after the other: each is timed
-    on its own (~10-15 s on an idle 2-core machine: verl's imports, Hydra's composition, the check)."""
+    """The runs from the repo root (Hydra's output directory under tmp), one after the other."""
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # +platform=cpu selects it, as in use
     out = {}
     for name, (override, _) in BAD_RUNS.items():
@@ -221,18 +220,16 @@ def bad_runs(tmp_path_factory):
             sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
             override, f"hydra.run.dir={tmp_path_factory.mktemp(name)}",
         ]
-        start = time.monotonic()
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=600)
-        out[name] = (proc.returncode, proc.stdout, time.monotonic() - start)
+        out[name] = (proc.returncode, proc.stdout)
     return out
 
 
 @pytest.mark.parametrize("name", BAD_RUNS)
 def test_main_ppo_refuses_before_ray_starts(bad_runs, name):
-    returncode, output, seconds = bad_runs[name]
+    returncode, output = bad_runs[name]
     assert returncode == 1, output[-3000:]
     assert "ssopd-verl: refusing to start: " in output and BAD_RUNS[name][1] in output, output[-3000:]
     assert "ray init kwargs" not in output  # verl prints it just before ray.init
     assert "step:" not in output and "val-core" not in output
-    assert seconds < 120, seconds

@@ -30,6 +30,7 @@
 #   LORA_RANK [64] LORA_ALPHA [128] DISTILL_TOKENS [2048]    (SETUP=reported only)
 #   DRY_RUN=1 (or --dry-run as the first argument): append `--cfg job`: verl composes and prints the config, and
 #                     nothing runs (no GPU, model or data needed).
+#   DRY_RUN=args      print the Hydra overrides, one per line, and run nothing (what the tests compose in-process)
 #
 # Multi-node: start Ray yourself, then run the script on the head node with NNODES set; verl's `ray.init()` joins
 # the running cluster:   head:    ray start --head --port=6379
@@ -167,7 +168,10 @@ if [[ "$SETUP" == "reported" ]]; then
 fi
 
 cmd=("$PYTHON" -m verl.trainer.main_ppo "${base_args[@]}" "${setup_args[@]}" "${METHOD_ARGS[@]}" "$@")
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
+if [[ "${DRY_RUN:-0}" == "args" ]]; then
+    printf '%s\n' "${cmd[@]:3}"
+    exit 0
+elif [[ "${DRY_RUN:-0}" == "1" ]]; then
     cmd+=(--cfg job)
 else
     mkdir -p "$LOG_DIR"
