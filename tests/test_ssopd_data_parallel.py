@@ -1,9 +1,11 @@
 """Two data-parallel ranks (two processes, gloo, verl's FSDP2 engine): the distillation term does not depend on
 the data-parallel size, and a rank whose rows hold no target still takes part in every collective.
 
-Rank 0 holds both targets, rank 1 none (it runs the one-token dummy teacher forward). verl averages gradients
+Rank 0 holds both targets, rank 1 none (it runs one-token dummy teacher forwards). verl averages gradients
 over ranks, so the mean over ranks of each rank's `ssopd/distill_loss` must equal the single-process value,
-computed here from plain transformers forwards.
+computed here from plain transformers forwards. The teacher forward's token budget is set to the longer teacher
+sequence, so rank 0 splits its two targets into two forwards and rank 1 must run as many dummies to keep every
+collective in step (a mismatch would hang, and the test would time out).
 """
 
 import json
@@ -38,7 +40,7 @@ RANK_SCRIPT = textwrap.dedent(
     from verl.workers.utils.losses import ppo_loss
     import functools
 
-    model_path, rows = sys.argv[1], json.loads(sys.argv[2])
+    model_path, rows, budget = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     engine = build_cpu_fsdp2_engine(model_path, micro_batch_size_per_gpu=2)
     td = make_train_tensordict(
         [r["prompt"] for r in rows], [r["response"] for r in rows], temperature=1.0, engine=engine,
@@ -53,12 +55,14 @@ RANK_SCRIPT = textwrap.dedent(
     )
     cfg = SSOPDConfig()
     mark_for_distillation(td, cfg)
-    loss = SSOPDActorLoss(functools.partial(ppo_loss, config=build_actor_config()), cfg, rollout_n=4, engine=engine)
+    loss = SSOPDActorLoss(functools.partial(ppo_loss, config=build_actor_config()), cfg, rollout_n=4, engine=engine,
+                          teacher_max_tokens=budget)
     with engine.eval_mode():
         out = engine.infer_batch(td, loss_function=loss)
     values = out["metrics"]["ssopd/distill_loss"]
     values = values if isinstance(values, list) else [values]
-    print("RESULT", json.dumps(sum(float(v.aggregate() if hasattr(v, "aggregate") else v) for v in values)))
+    total = sum(float(v.aggregate() if hasattr(v, "aggregate") else v) for v in values)
+    print("RESULT", json.dumps({"distill": total, "teacher_forwards": loss.teacher.forwards}))
     """
 )
 
@@ -103,13 +107,17 @@ def test_distill_term_is_invariant_to_data_parallel_size(model_path):
         env = {**os.environ, "VERL_PLATFORM": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "OMP_NUM_THREADS": "1"}
-        args = [sys.executable, "-c", RANK_SCRIPT, model_path, json.dumps([rows[i] for i in indices])]
+        budget = max(len(plan.teacher_ids[i]) for i in (2, 7))  # both targets do not fit one forward
+        args = [sys.executable, "-c", RANK_SCRIPT, model_path, json.dumps([rows[i] for i in indices]), str(budget)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
-    per_rank = [json.loads(out.split("RESULT", 1)[1]) for out, _ in outputs]
+    results = [json.loads(out.split("RESULT", 1)[1]) for out, _ in outputs]
+    per_rank = [r["distill"] for r in results]
     assert per_rank[1] == 0.0  # the rank without targets contributes nothing (but ran its collectives)
+    # rank 0's first micro-batch holds both targets: two pieces; its second none; rank 1 follows with dummies
+    assert [r["teacher_forwards"] for r in results] == [2, 2]
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     expected = 0.0

@@ -344,3 +344,12 @@ def test_lora_update_changes_only_adapters(model_path, groups, tokenizer, teache
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
     assert _metric_sum(output, "ssopd/distill_loss") > 0
+
+
+def test_teacher_sequences_are_packed_in_order_within_the_token_budget():
+    from ssopd_verl.glue.teacher_forward import pack_in_order
+
+    assert pack_in_order([3, 4, 5], 7) == [[0, 1], [2]]
+    assert pack_in_order([9, 1, 1], 5) == [[0], [1, 2]]  # a sequence longer than the budget gets its own forward
+    assert pack_in_order([3, 4, 5], None) == [[0, 1, 2]]
+    assert pack_in_order([], 7) == [] and pack_in_order([], None) == []

@@ -24,7 +24,7 @@ for the loss proper. Nothing of verl is patched: the function is installed with 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from tensordict import TensorDict
@@ -71,13 +71,19 @@ def mark_for_distillation(data: TensorDict, ssopd: SSOPDConfig) -> None:
 class SSOPDActorLoss:
     """Callable installed with `set_loss_fn`; dispatches on how the engine calls it (hook or loss)."""
 
-    def __init__(self, base_loss: Callable, ssopd: SSOPDConfig, rollout_n: int, engine=None):
+    def __init__(self, base_loss: Callable, ssopd: SSOPDConfig, rollout_n: int, engine=None,
+                 teacher_max_tokens: Optional[int] = None):
         if rollout_n < 2:
             raise ValueError(f"SSOPD needs grouped sampling: actor_rollout_ref.rollout.n must be >= 2, got {rollout_n}")
         self.base_loss = base_loss  # functools.partial(verl ppo_loss, config=actor_config)
         self.ssopd = ssopd
         self.rollout_n = rollout_n
-        self.teacher = TeacherForward(engine, adapters=ssopd.teacher == "live") if engine is not None else None
+        # teacher_max_tokens: the most tokens one teacher forward may hold (the actor's dynamic-batch budget)
+        self.teacher = (
+            TeacherForward(engine, adapters=ssopd.teacher == "live", max_tokens=teacher_max_tokens)
+            if engine is not None
+            else None
+        )
         self._teacher_seconds = 0.0  # teacher forward + loss time since the last loss call (timing metric)
         self.view_records: list[dict] = []  # token-view records of the current update (TokenViewRecord fields)
 
@@ -98,14 +104,14 @@ class SSOPDActorLoss:
         weights = data[ROW_WEIGHT].float().cpu()
         rows = torch.nonzero(weights > 0).flatten().tolist()
 
-        # Every rank runs exactly one teacher forward per micro-batch: the forward and the lm_head gather are
-        # collectives under FSDP2. A micro-batch without targets runs a one-token dummy.
+        # Every rank runs the same number of teacher forwards per micro-batch (the forward and the lm_head gather
+        # are collectives under FSDP2); a micro-batch without targets runs one-token dummies (TeacherForward).
         teacher_seqs = [data[TEACHER_IDS][r] for r in rows] or [data["input_ids"][0][:1]]
-        states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data)
+        states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data, dummy=not rows)
         # The student's logits come from the lm_head in the forward's compute dtype (bf16 under verl's mixed
         # precision): project the teacher's states with the same weight in the same dtype, so that a teacher
         # with the student's own context gives a KL of 0, not a precision bias on every token.
-        weight = lm_head_weight(self.teacher.engine.module).to(states.dtype)
+        head = lm_head_weight(self.teacher.engine.module)  # a collective under FSDP2: on every rank
 
         zeros = logits.new_zeros(num_positions, dtype=torch.float32)
         if not rows:
@@ -116,6 +122,7 @@ class SSOPDActorLoss:
                 key: zeros.unsqueeze(0) for key in DIAGNOSTICS
             }
 
+        weight = head.to(states.dtype)
         seq_starts = torch.cumsum(seq_lens, 0) - seq_lens
         index = torch.tensor(rows)
         # The distilled positions: the target tokens in the teacher sequence (all of the response, or its first

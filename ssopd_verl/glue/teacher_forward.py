@@ -14,11 +14,18 @@ Which weights (`ssopd.teacher`): `live` runs the module as it is (with a LoRA ac
 adapter-merged policy). `initial` runs it inside the engine's `disable_adapter()` (verl's own context, the one its
 reference pass uses for a LoRA actor): the base model, i.e. the policy at step 0, frozen, at no memory cost. It
 needs a LoRA actor; with full fine-tuning the step-0 weights no longer exist in the actor (start-up refuses it).
+
+Bounded pieces (``max_tokens``, the actor's dynamic-batch budget ``ppo_max_token_len_per_gpu``): the teacher
+sequences of a micro-batch are packed, in order, into forwards of at most ``max_tokens`` tokens (a longer
+sequence gets a forward of its own), so that no teacher forward holds more tokens than verl lets a student
+forward hold. Every forward is a collective under FSDP2, so the ranks first agree on the number of forwards (an
+all-reduce of the maximum) and a rank with fewer pieces, or no target at all, runs one-token dummy forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from tensordict import TensorDict
@@ -61,24 +68,70 @@ def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
         return weight.detach()
 
 
+def pack_in_order(lengths: list[int], max_tokens: Optional[int]) -> list[list[int]]:
+    """Indices of consecutive sequences grouped so that each group holds at most ``max_tokens`` tokens (a longer
+    sequence alone); one group when ``max_tokens`` is None."""
+    if max_tokens is None:
+        return [list(range(len(lengths)))] if lengths else []
+    groups, current, tokens = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and tokens + n > max_tokens:
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    return groups + ([current] if current else [])
+
+
+def agreed_count(count: int, device) -> int:
+    """The largest ``count`` over all ranks (every rank must call the sharded module the same number of times)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value.item())
+
+
 class TeacherForward:
     """Runs the teacher over a list of sequences with the engine's module and returns per-position states."""
 
-    def __init__(self, engine, adapters: bool = True):
+    def __init__(self, engine, adapters: bool = True, max_tokens: Optional[int] = None):
         self.engine = engine
         self.adapters = adapters  # False: run the base model (ssopd.teacher=initial with a LoRA actor)
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"teacher forward max_tokens must be >= 1 or None, got {max_tokens!r}")
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.forwards = 0  # teacher forwards run (dummies included), for tests and benchmarks
         if not adapters and not hasattr(engine.module, "disable_adapter"):
             raise ValueError(
                 "ssopd.teacher=initial needs a LoRA actor (actor_rollout_ref.model.lora_rank > 0): the frozen "
                 "initial teacher is the base model with the adapters disabled"
             )
 
-    def hidden_states(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(
+        self, sequences: list[torch.Tensor], micro_batch: TensorDict, dummy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (post-norm) hidden states of every token of `sequences`, packed: returns (states, starts).
 
         `states` is (total_tokens, hidden); `starts[i]` is where sequence i begins in it. Layout flags
-        (remove-padding, pad mode) are taken from the student's micro-batch, so both sides match.
+        (remove-padding, pad mode) are taken from the student's micro-batch, so both sides match. ``dummy``: the
+        sequences are a placeholder of a rank without targets (it still takes part in every forward).
         """
+        lengths = [len(s) for s in sequences]
+        groups = [] if dummy else pack_in_order(lengths, self.max_tokens)
+        device = micro_batch["input_ids"].device
+        total = agreed_count(len(groups), device)
+        states = [self._forward([sequences[i] for i in group], micro_batch) for group in groups]
+        for _ in range(total - len(groups)):  # collectives in step with the rank that has the most pieces
+            self._forward([sequences[0][:1]], micro_batch)
+        if dummy:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        lengths = torch.tensor(lengths)
+        return torch.cat(states), torch.cumsum(lengths, 0) - lengths
+
+    def _forward(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> torch.Tensor:
+        """One forward of the engine's module over ``sequences``; their final hidden states, packed."""
+        self.forwards += 1
         device = micro_batch["input_ids"].device
         ids = torch.nested.as_nested_tensor([s.to(device) for s in sequences], layout=torch.jagged)
         positions = torch.nested.as_nested_tensor(
@@ -98,7 +151,6 @@ class TeacherForward:
 
         model_inputs, _ = self.engine.prepare_model_inputs(micro_batch=batch)
         lengths = torch.tensor([len(s) for s in sequences])
-        starts = torch.cumsum(lengths, 0) - lengths
         captured = {}
 
         def keep_last_hidden_state(_module, _inputs, output):
@@ -121,4 +173,4 @@ class TeacherForward:
         else:
             # padded (b, max_len, H): keep each row's real tokens, in the packed layout
             states = torch.cat([states[i, :n] for i, n in enumerate(lengths.tolist())])
-        return states.detach(), starts
+        return states.detach()

@@ -40,8 +40,13 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
             prepare()
         super().init_model()
         if self.actor is not None:
+            actor = self.config.actor
+            # verl's dynamic batching caps a student micro-batch at ppo_max_token_len_per_gpu tokens: no teacher
+            # forward holds more (the teacher sequences are split into pieces; TeacherForward).
+            budget = actor.ppo_max_token_len_per_gpu if actor.get("use_dynamic_bsz", False) else None
             self.loss_fn = SSOPDActorLoss(
-                base_loss=self.loss_fn, ssopd=self.ssopd, rollout_n=self.config.rollout.n, engine=self.actor.engine
+                base_loss=self.loss_fn, ssopd=self.ssopd, rollout_n=self.config.rollout.n, engine=self.actor.engine,
+                teacher_max_tokens=budget,
             )
             self.actor.set_loss_fn(self.loss_fn)
 
