@@ -1,25 +1,48 @@
 """Cost of SSOPD's actor update relative to GRPO's, on verl's real FSDP2 engine (CPU, one process).
 
-The same batch (groups of `--n` completions, half of the prompts with a target) goes through the engine's
-forward/backward twice per repetition, alternating: once with verl's `ppo_loss` (GRPO) and once with the SSOPD
-loss (GRPO + teacher forward + chunked clipped forward KL). Reported: the median time ratio SSOPD / GRPO, and the
-extra teacher tokens per student token. The model is a tiny random Qwen3 with the real 151,936-entry
-vocabulary, so the vocabulary-sized work (logits, loss) weighs as it does in a real model, while the
-transformer itself is small: the ratio is an upper bound for real model sizes, where the layers dominate.
+The same batch (groups of `--n` completions, half of the prompts mixed with one target each, the others all
+wrong) goes through the engine's forward/backward twice per repetition, alternating: once with verl's `ppo_loss`
+(GRPO) and once with the SSOPD loss (GRPO + teacher forward + chunked clipped forward KL). Reported: the median
+time ratio SSOPD / GRPO (`time_ratio`) and the teacher tokens per student token (`teacher_tokens_per_token`);
+`--json PATH` writes them with the setup.
+
+`--proportions` picks the random Qwen3 (always the real 151,936-entry vocabulary):
+
+* `tiny`: hidden 64, 2 layers. Vocabulary-dominated: the loss weighs far more than in a real model.
+* `qwen3-1.7b`: narrower and far fewer FLOPs per layer than Qwen3-1.7B, but the same ratio of layer compute
+  (matmul FLOPs per token, 28 x 50.3M) to vocabulary compute (2,048 x 151,936) as the real model, 4.53: hidden
+  256, 2 query heads and 1 key-value head of 128, MLP 768, 224 layers. What it cannot copy: attention's
+  sequence-length term (small at these lengths) and a GPU's kernels.
 
     .venv/bin/python benchmarks/bench_update_overhead.py --prompts 4 --n 4 --response-tokens 64
+    .venv/bin/python benchmarks/bench_update_overhead.py --proportions qwen3-1.7b --prompts 2 --n 8 \
+        --response-tokens 48 --repeats 3 --json /tmp/bench/update_overhead_1.7b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import tempfile
 import time
 
 os.environ.setdefault("VERL_PLATFORM", "cpu")
+
+# build_tiny_qwen3 keyword arguments per --proportions (see the module docstring for the 1.7B ratio)
+PROPORTIONS = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+    "qwen3-1.7b": dict(hidden_size=256, num_layers=224, num_heads=2, num_kv_heads=1, intermediate_size=768),
+}
+
+
+def layer_to_vocab_flops(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
+                         vocab: int = 151_936) -> float:
+    """Per-token matmul FLOPs of the decoder layers over the output projection's (both x2, which cancels)."""
+    per_layer = hidden * (heads * head_dim * 2 + kv_heads * head_dim * 2) + 3 * hidden * mlp  # q, o, k, v, MLP
+    return layers * per_layer / (hidden * vocab)
 
 
 def main() -> None:
@@ -28,6 +51,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--proportions", choices=sorted(PROPORTIONS), default="tiny")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args()
 
     import torch
@@ -41,7 +66,8 @@ def main() -> None:
     from ssopd_verl.tiny_model import build_tiny_qwen3
     from verl.workers.utils.losses import ppo_loss
 
-    model_path = build_tiny_qwen3(tempfile.mkdtemp(), seed=0)
+    shape = PROPORTIONS[args.proportions]
+    model_path = build_tiny_qwen3(tempfile.mkdtemp(), seed=0, **shape)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = build_cpu_fsdp2_engine(model_path, micro_batch_size_per_gpu=args.prompts * args.n)
     g = torch.Generator().manual_seed(0)
@@ -94,7 +120,22 @@ def main() -> None:
     grpo, ssopd = statistics.median(times["grpo"]), statistics.median(times["ssopd"])
     print(f"rows {len(rows)} ({plan.num_targets} targets), student tokens {student_tokens}, "
           f"teacher tokens {teacher_tokens} ({teacher_tokens / student_tokens:.2f} per student token)")
+    ratio = layer_to_vocab_flops(shape["hidden_size"], shape["num_layers"], shape["num_heads"], shape["num_kv_heads"],
+                                 shape["hidden_size"] // shape["num_heads"], shape["intermediate_size"])
+    print(f"model {args.proportions}: layer/vocabulary compute {ratio:.2f} (Qwen3-1.7B: "
+          f"{layer_to_vocab_flops(2048, 28, 16, 8, 128, 6144):.2f})")
     print(f"median forward+backward: grpo {grpo:.3f} s, ssopd {ssopd:.3f} s, ratio ssopd/grpo {ssopd / grpo:.2f}")
+    if args.json:
+        figures = {
+            "proportions": args.proportions, "layer_to_vocab_compute": ratio, "rows": len(rows),
+            "targets": plan.num_targets, "student_tokens": student_tokens, "teacher_tokens": teacher_tokens,
+            "teacher_tokens_per_token": teacher_tokens / student_tokens, "grpo_s": grpo, "ssopd_s": ssopd,
+            "time_ratio": ssopd / grpo, "repeats": args.repeats,
+        }  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,26 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
         if r["variant"] != "base":
             assert finite(r["extra_peak_gib_over_base"]) and finite(r["time_ratio_over_base"])
     assert "chunked" in stdout
+
+
+def test_bench_update_overhead_tiny(tmp_path):
+    result, stdout = run("bench_update_overhead.py", "--prompts", "2", "--n", "4", "--response-tokens", "8",
+                         "--repeats", "1", tmp_path=tmp_path)
+    assert result["proportions"] == "tiny" and result["rows"] == 8 and result["targets"] == 1  # one mixed group
+    for key in ("time_ratio", "teacher_tokens_per_token", "grpo_s", "ssopd_s", "layer_to_vocab_compute"):
+        assert finite(result[key]) and result[key] > 0, (key, result)
+    assert "ratio ssopd/grpo" in stdout
+
+
+def test_qwen3_1_7b_proportions_match_the_real_model():
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_update_overhead as bench
+    finally:
+        sys.path.remove(BENCH)
+    real = bench.layer_to_vocab_flops(2048, 28, 16, 8, 128, 6144)  # Qwen3-1.7B's config
+    shape = bench.PROPORTIONS["qwen3-1.7b"]
+    small = bench.layer_to_vocab_flops(shape["hidden_size"], shape["num_layers"], shape["num_heads"],
+                                       shape["num_kv_heads"], shape["hidden_size"] // shape["num_heads"],
+                                       shape["intermediate_size"])  # fmt: skip
+    assert math.isclose(small, real, rel_tol=0.02) and 4.4 < real < 4.7
