@@ -34,12 +34,29 @@ def test_pure_modules_do_not_import_verl():
         """
         import sys
         import ssopd_verl.pairing, ssopd_verl.losses, ssopd_verl.teacher_context, ssopd_verl.config
-        import ssopd_verl.distill_plan
+        import ssopd_verl.distill_plan, ssopd_verl.token_view, ssopd_verl.console, ssopd_verl.seed_comparison
         print(sorted(m for m in sys.modules if m == "verl" or m.startswith("verl.")))
         """
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_glue_imports_the_cpu_runtime_only_to_register_it():
+    """SSOPD's verl hooks (ssopd_verl/glue) do not depend on the CPU runtime (ssopd_verl/cpu); the plugin registers
+    it, nothing else imports it."""
+    import ast
+    from pathlib import Path
+
+    glue = Path(__file__).resolve().parents[1] / "ssopd_verl" / "glue"
+    importers = set()
+    for path in glue.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            if any(n == "ssopd_verl.cpu" or n.startswith("ssopd_verl.cpu.") for n in names):
+                importers.add(path.name)
+    assert importers == {"plugin.py"}
 
 
 def test_recipe_guard_refuses_to_run_plain_ppo(monkeypatch):
