@@ -37,3 +37,14 @@ def test_validation_accuracy_averages_the_data_sources_only():
     assert validation_accuracy(METRICS) == 0.25
     assert validation_accuracy({"val-aux/x/reward/mean@1": 1.0}) is None
     assert validation_line(METRICS, 0) == "ssopd validation at step 0: accuracy 0.250"
+
+
+def test_grading_counts_from_reward_extra_info():
+    from ssopd_verl.glue.trainer import grading_counts
+
+    extra = [{"reward_extra_info": {"grading_timeout": True, "grading_skipped": False, "grading_error": 0}},
+             {"reward_extra_info": {"grading_timeout": False, "grading_skipped": True, "grading_error": 0}},
+             {"reward_extra_info": {"grading_timeout": True}}, None, {"other": 1}]  # fmt: skip
+    assert grading_counts(extra) == {"reward/grading_timeout": 2.0, "reward/grading_skipped": 1.0,
+                                     "reward/grading_error": 0.0}  # fmt: skip
+    assert grading_counts([{"reward_extra_info": {"acc": 1.0}}]) == {}  # another reward function: nothing

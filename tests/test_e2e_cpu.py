@@ -109,6 +109,9 @@ def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
                     "ssopd/student_logp_sampled", "ssopd/teacher_argmax_differs", "timing_s/ssopd_teacher"):  # fmt: skip
             assert key in steps[step], key
         assert "actor/pg_loss" in steps[step]
+        # the grader's flags, counted per training step (verl logs them for validation only)
+        assert steps[step]["reward/grading_timeout"] == steps[step]["reward/grading_error"] == 0
+        assert "reward/grading_skipped" in steps[step]
     assert validation(steps[0]) and validation(steps[2])  # before training and at test_freq
     assert (root / "a" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()
     assert (root / "a" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

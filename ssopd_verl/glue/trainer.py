@@ -6,7 +6,9 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 
 * `_compute_advantage`: after verl computes the GRPO advantages (through our `ssopd` estimator), pair the
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
-  to the batch (`distill_plan.plan_distillation`). This runs after `_balance_batch`, so the rows verl pads and
+  to the batch (`distill_plan.plan_distillation`); count the completions whose grading timed out, was skipped
+  or failed (`reward/grading_*`, from the grader's reward_extra_info; verl logs those for validation only).
+  This runs after `_balance_batch`, so the rows verl pads and
   reorders already carry their final fields; padding rows get weight 0.
 * `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`; every
   `ssopd.token_view_every` steps it asks the worker for a token view (`ssopd_verl.token_view`) and prints its path.
@@ -134,7 +136,8 @@ class SSOPDTrainer(PPOTrainerSync):
         if any(not key.endswith("_0") for key in batch.keys):
             # verl keys rows {uid}_{session}_{output index}; index > 0 means a multi-output agent loop.
             raise NotImplementedError("SSOPD pairs single-turn completions; this batch has multi-output sessions")
-        fields = ["uid", "prompts", "responses", "raw_prompt"]
+        # extra_fields: the agent loop's per-sample dict, with the reward loop's reward_extra_info
+        fields = ["uid", "prompts", "responses", "raw_prompt", "extra_fields"]
         if self.ssopd.witness_source == "reference_solution":
             fields.append(self.ssopd.reference_solution_key.split(".")[0])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -162,6 +165,10 @@ class SSOPDTrainer(PPOTrainerSync):
             rng=rng,
         )
         metrics.update(plan.metrics)
+        extra = data["extra_fields"]
+        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
+        real = [getattr(e, "data", e) for e, tag in zip(extra, batch.tags) if not tag.get("is_padding", False)]
+        metrics.update(grading_counts(real))
         prompts = data["prompts"]
         student_tokens = sum(len(prompts[i]) + len(response_ids[i]) for i in range(len(uids)))
         teacher_tokens = sum(len(ids) for ids in plan.teacher_ids)
@@ -206,6 +213,22 @@ def keep_previous_tracker_file(trainer_config) -> Optional[Path]:
     current.rename(kept)
     print(f"ssopd: kept the previous tracker file as {kept} (verl's file logger starts a new one)")
     return kept
+
+
+GRADING_FLAGS = ("grading_timeout", "grading_skipped", "grading_error")
+
+
+def grading_counts(extra_fields) -> dict[str, float]:
+    """Completions of the step whose grading timed out, was skipped (answer too long, nothing to grade) or failed,
+    from the reward_extra_info that `ssopd_verl.evaluation.grading.compute_score` returns (verl logs it for
+    validation only): `reward/grading_timeout` etc. Absent when the reward function reports no such flags."""
+    infos = [(e or {}).get("reward_extra_info", {}) if isinstance(e, dict) else {} for e in list(extra_fields)]
+    counts = {}
+    for flag in GRADING_FLAGS:
+        values = [info[flag] for info in infos if flag in info]
+        if values:
+            counts[f"reward/{flag}"] = float(sum(bool(v) for v in values))
+    return counts
 
 
 def _messages(raw):
