@@ -70,7 +70,7 @@ def test_plot_seed_bands_writes_a_png(tmp_path):
 
 def _experiment(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "experiment_cpu.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
 def test_experiment_commands_differ_only_by_method_and_seed(tmp_path):
