@@ -20,6 +20,7 @@ Three runs, one after the other, share the work of several checks:
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -113,6 +114,13 @@ def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
         assert steps[step]["reward/grading_timeout"] == steps[step]["reward/grading_error"] == 0
         assert "reward/grading_skipped" in steps[step]
     assert validation(steps[0]) and validation(steps[2])  # before training and at test_freq
+    # the console: one compact line per step (ssopd_verl.console), validation in the lines of validated steps
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (root / "a" / "main_ppo.log").read_text())
+    lines = [line.split(") ", 1)[-1] for line in log.splitlines() if re.search(r"ssopd +\[[#-]+\] +\d/3 ", line)]
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], lines
+    assert all(" reward " in line and " pairs " in line and " teacher-student " in line for line in lines)
+    assert " val " in lines[1] and " val " not in lines[0]
+    assert "ssopd validation at step 0: accuracy" in log
     assert (root / "a" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()
     assert (root / "a" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 

@@ -260,3 +260,23 @@ def test_record_from_the_trainer_shows_the_teachers_prompt_and_an_unknown_reward
     assert "The teacher's prompt (problem, template and witness" in page and "Witness (" not in page
     assert "reward target &ndash; / witness &ndash;" in page
     assert len(_spans(page)) == len(rec.target_ids)
+
+
+def test_page_is_logged_to_wandb_when_it_is_a_tracker(qwen_tokenizer, tmp_path, monkeypatch):
+    """verl's tracking starts wandb in the trainer's process; the trainer hands it the page as wandb.Html
+    (offline here: the run's files hold the page)."""
+    wandb = pytest.importorskip("wandb")  # installed with verl
+    from ssopd_verl.glue.trainer import log_token_view
+
+    page = write_token_view(tmp_path / "step_000002.html", [_record(qwen_tokenizer)], qwen_tokenizer)
+    assert log_token_view(page, 2, ["console", "file"]) is False  # not a tracker here
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="ssopd-test")
+    try:
+        assert log_token_view(page, 2, ["console", "wandb"]) is True
+    finally:
+        run.finish()
+    logged = list(tmp_path.glob("wandb/offline-run-*/files/media/html/ssopd/token_view_*.html"))
+    assert len(logged) == 1 and 'class="record"' in logged[0].read_text()

@@ -95,6 +95,8 @@ class SSOPDTrainer(PPOTrainerSync):
         if view is not None:
             # rank 0 writes it when its micro-batches held targets; on a multi-node job the file is on rank 0's node
             state = "written" if view.exists() else "not written (no target on rank 0 this step)"
+            if view.exists() and log_token_view(view, self.global_steps, self.config.trainer.get("logger", [])):
+                state += ", logged to wandb"
             print(f"ssopd: token view of step {self.global_steps}: {view} {state}", flush=True)
         for key in [k for k in metrics if k.startswith("actor/ssopd/")]:
             metrics[key[len("actor/") :]] = metrics.pop(key)
@@ -213,6 +215,20 @@ def keep_previous_tracker_file(trainer_config) -> Optional[Path]:
     current.rename(kept)
     print(f"ssopd: kept the previous tracker file as {kept} (verl's file logger starts a new one)")
     return kept
+
+
+def log_token_view(path: Path, step: int, loggers) -> bool:
+    """Hand the token view page to the trackers that display HTML: wandb (``wandb.Html``, under
+    ``ssopd/token_view``), when verl's tracking started a wandb run in this process. Returns whether one took it."""
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+    if "wandb" not in loggers:
+        return False
+    import wandb
+
+    if wandb.run is None:
+        return False
+    wandb.log({"ssopd/token_view": wandb.Html(path.read_text(encoding="utf-8"))}, step=step)
+    return True
 
 
 GRADING_FLAGS = ("grading_timeout", "grading_skipped", "grading_error")
