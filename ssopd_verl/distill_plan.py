@@ -88,6 +88,7 @@ def plan_distillation(
         target_rule=cfg.target_rule,
         frontier_kind=cfg.frontier_weight,
         rng=rng,
+        tie_keys=[tuple(response_ids[i]) for i in real],  # content, not batch position, breaks ties
     )
 
     plan = DistillationPlan([[] for _ in range(num_rows)], [0] * num_rows, [0.0] * num_rows)

@@ -25,8 +25,10 @@ success. Distilling the fastest success into the prefixes of the most persistent
 persistent failure states toward fast-success actions.
 
 Conventions [our choices where the paper says nothing]: a truncated completion (hit the maximum response
-length) counts as wrong even if the verifier accepted it; ties go to the lowest batch index; groups are taken in
-order of first appearance of their uid. The ablations (random witness/target, the dataset's reference solution
+length) counts as wrong even if the verifier accepted it; ties in length go to the completion with the smallest
+``tie_keys`` entry (the response token ids, so the choice does not depend on the order in which verl happens to
+batch the rows: a resumed run pairs as the uninterrupted one did), then to the lowest batch index; groups are taken
+in order of first appearance of their uid. The ablations (random witness/target, the dataset's reference solution
 as witness, every wrong completion as target, ``"none"`` weighting) reuse the same frontier filter so that they
 differ from SSOPD in one knob only.
 
@@ -138,10 +140,13 @@ def select_pairs(
     target_rule="longest_wrong",
     frontier_kind="variance",
     rng=None,
+    tie_keys=None,
 ) -> list[Pair]:
     """Witness/target pairs of the frontier groups of a batch (see the module docstring).
 
-    uids, correct, lengths (response tokens) and truncated are per-completion sequences of length B.
+    uids, correct, lengths (response tokens) and truncated are per-completion sequences of length B; tie_keys
+    (optional, length B, mutually comparable, e.g. tuples of response token ids) break ties in length, and order
+    the candidates of the random variants before the draw.
     ``rng`` (a ``numpy.random.Generator``) is required by the random variants; they draw, per frontier group
     in order, first the witness and then the target, so a seeded generator gives a reproducible pairing.
     """
@@ -163,6 +168,11 @@ def select_pairs(
     if len(lengths) != len(uids):
         raise ValueError(f"len(lengths)={len(lengths)} != len(uids)={len(uids)}")
 
+    if tie_keys is None:
+        tie_keys = [()] * len(uids)
+    elif len(tie_keys) != len(uids):
+        raise ValueError(f"len(tie_keys)={len(tie_keys)} != len(uids)={len(uids)}")
+
     members = _group_members(uids)
     for uid, idx in members.items():
         if len(idx) < 2:
@@ -177,17 +187,18 @@ def select_pairs(
         p = accuracy[uid]
         if not 0.0 < p < 1.0:
             continue
-        right = [i for i in idx if ok[i]]
-        wrong = [i for i in idx if not ok[i]]
-        # min over (key, index) makes ties go to the lowest batch index.
+        # candidates in tie-key order (then batch index): the random draws and the ties below do not depend on it
+        right = sorted((i for i in idx if ok[i]), key=lambda i: (tie_keys[i], i))
+        wrong = sorted((i for i in idx if not ok[i]), key=lambda i: (tie_keys[i], i))
+        # min over (length key, tie key, index): ties in length go to the smallest tie key, then batch index.
         if witness_source == "shortest_correct":
-            witness = min(right, key=lambda i: (lengths[i], i))
+            witness = min(right, key=lambda i: (lengths[i], tie_keys[i], i))
         elif witness_source == "random_correct":
             witness = right[int(rng.integers(len(right)))]
         else:  # reference_solution: the witness is the dataset's solution text, not a completion
             witness = None
         if target_rule == "longest_wrong":
-            targets = [min(wrong, key=lambda i: (-lengths[i], i))]
+            targets = [min(wrong, key=lambda i: (-lengths[i], tie_keys[i], i))]
         elif target_rule == "random_wrong":
             targets = [wrong[int(rng.integers(len(wrong)))]]
         else:  # all_wrong: every wrong completion, the group's loss split evenly among them

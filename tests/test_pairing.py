@@ -242,3 +242,22 @@ def test_bad_options(kw):
 def test_rng_must_be_a_generator():
     with pytest.raises(TypeError):
         select_pairs(["a", "a"], [True, False], [1, 2], target_rule="random_wrong", rng=np.random.RandomState(0))
+
+
+def test_ties_in_length_are_broken_by_content_not_batch_order():
+    """A resumed run gets the same completions in another batch order (verl orders rows by completion time): the
+    pairing must choose the same witness and target."""
+    from ssopd_verl.pairing import select_pairs
+
+    uids = ["g"] * 5
+    correct = [1, 0, 1, 0, 0]
+    responses = [(5, 6, 7), (9, 9, 9), (1, 2, 3), (4, 4, 4), (8,)]  # two correct and two wrong of length 3
+    chosen = set()
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 3, 4, 1]):
+        pairs = select_pairs([uids[i] for i in order], [correct[i] for i in order], [len(responses[i]) for i in order],
+                             tie_keys=[responses[i] for i in order])  # fmt: skip
+        (pair,) = pairs
+        chosen.add((responses[order[pair.witness]], responses[order[pair.target]]))
+    assert chosen == {((1, 2, 3), (4, 4, 4))}
+    with pytest.raises(ValueError, match="tie_keys"):
+        select_pairs(uids, correct, [3, 3, 3, 3, 1], tie_keys=responses[:2])
