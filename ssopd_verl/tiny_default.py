@@ -1056,5 +1056,6 @@ def resolve_path(field_name: str) -> str:
     allowed = ("model_path", "train_file", "val_file")
     if field_name not in allowed:
         raise ValueError(f"${{{RESOLVER}:{field_name}}}: expected one of {allowed}")
-    built = build_tiny_default(progress=lambda line: print(line, file=sys.stderr, flush=True))
+    # "ssopd: " so that scripts/run_tiny_cpu.sh, which shows only our lines, shows the first-use build's progress
+    built = build_tiny_default(progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
     return getattr(built, field_name)
