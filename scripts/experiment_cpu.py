@@ -142,7 +142,7 @@ def diagnostics_table(trackers: dict[str, list[Path]]) -> str:
             return statistics.fmean(means) if means else None
 
         values = {key: mean_of(key) for key in DIAGNOSTICS}
-        cells += ["–" if v is None else f"{v:.3f}" for v in values.values()]
+        cells += ["–" if v is None else f"{v:.4g}" for v in values.values()]
         t, s = values["ssopd/teacher_logp_sampled"], values["ssopd/student_logp_sampled"]
         cells.append("–" if t is None or s is None else f"{t - s:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -175,8 +175,9 @@ def main(argv=None) -> int:
     md = "\n".join([
         BEGIN,
         f"Command: `{command}` ({setup}, {args.steps} steps, validation every {args.test_freq}).",
-        f"Wall-clock: {wall / 60:.1f} min for {len(run_seconds)} runs (this invocation; runs kept from an earlier "
-        f"invocation count 0), {statistics.fmean(run_seconds):.0f} s per run on average.",
+        f"Wall-clock: the {len(run_seconds)} runs took {sum(run_seconds) / 60:.1f} min in all, "
+        f"{statistics.fmean(run_seconds):.0f} s per run on average (this invocation: {wall / 60:.1f} min; runs "
+        f"finished by an earlier invocation are kept, not repeated).",
         "",
         f"![validation accuracy vs step]({figure})",
         "",

@@ -115,6 +115,6 @@ def test_experiment_summarises_finished_runs_into_the_doc_section(tmp_path):
     assert text.endswith("<!-- experiment:end -->\n\nprose after\n")
     assert "| ssopd | 2 | 0.400 ± 0.000 | 0.505 ± 0.007 | 0.505 (2) | 2 |" in text  # threshold: start 0.4 + 0.1
     assert "| grpo | 2 | 0.400 ± 0.000 | 0.405 ± 0.007 | 0.405 (2) | – |" in text
-    assert "| ssopd | 3.000 | – | -0.500 | -1.500 | – | 0.500 | +1.000 |" in text  # diagnostics
+    assert "| ssopd | 3 | – | -0.5 | -1.5 | – | 0.5 | +1.000 |" in text  # diagnostics
     assert "![validation accuracy vs step](exp/evidence.png)" in text
     assert (out / "evidence.png").exists()
