@@ -100,7 +100,7 @@ def plot_seed_bands(methods: Mapping[str, Sequence[SeedBand]], out_png: str | Pa
         ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands], color=f"C{i}", alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation accuracy (greedy)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
