@@ -485,6 +485,10 @@ def grade(completion: str, answer, timeout: Optional[float] = None, pool: Option
     return Grade(extracted, score, status)
 
 
+# compute_score's 0/1 flags (reward_extra_info) and the grading status each one reports
+GRADING_FLAGS = {"grading_timeout": "timeout", "grading_skipped": "skipped", "grading_error": "error"}
+
+
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """verl reward function (``reward.custom_reward_function``): 1.0 when the last boxed answer is right, else 0.
 
@@ -499,7 +503,5 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
         "score": result.score,
         "acc": result.score,
         "pred": result.extracted or "",
-        "grading_timeout": int(result.status == "timeout"),
-        "grading_skipped": int(result.status == "skipped"),
-        "grading_error": int(result.status == "error"),
+        **{flag: int(result.status == status) for flag, status in GRADING_FLAGS.items()},
     }

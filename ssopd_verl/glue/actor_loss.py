@@ -106,8 +106,8 @@ class SSOPDActorLoss:
 
         # Every rank runs the same number of teacher forwards per micro-batch (the forward and the lm_head gather
         # are collectives under FSDP2); a micro-batch without targets runs one-token dummies (TeacherForward).
-        teacher_seqs = [data[TEACHER_IDS][r] for r in rows] or [data["input_ids"][0][:1]]
-        states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data, dummy=not rows)
+        teacher_seqs = [data[TEACHER_IDS][r] for r in rows]
+        states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data)
         # The student's logits come from the lm_head in the forward's compute dtype (bf16 under verl's mixed
         # precision): project the teacher's states with the same weight in the same dtype, so that a teacher
         # with the student's own context gives a KL of 0, not a precision bias on every token.

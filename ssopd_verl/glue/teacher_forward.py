@@ -108,23 +108,21 @@ class TeacherForward:
                 "initial teacher is the base model with the adapters disabled"
             )
 
-    def hidden_states(
-        self, sequences: list[torch.Tensor], micro_batch: TensorDict, dummy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (post-norm) hidden states of every token of `sequences`, packed: returns (states, starts).
 
         `states` is (total_tokens, hidden); `starts[i]` is where sequence i begins in it. Layout flags
-        (remove-padding, pad mode) are taken from the student's micro-batch, so both sides match. ``dummy``: the
-        sequences are a placeholder of a rank without targets (it still takes part in every forward).
+        (remove-padding, pad mode) are taken from the student's micro-batch, so both sides match. With no
+        sequences (a rank or micro-batch without targets) it still takes part in every forward, on one token of
+        the micro-batch, and returns empty tensors.
         """
         lengths = [len(s) for s in sequences]
-        groups = [] if dummy else pack_in_order(lengths, self.max_tokens)
-        device = micro_batch["input_ids"].device
-        total = agreed_count(len(groups), device)
+        groups = pack_in_order(lengths, self.max_tokens)
+        total = agreed_count(len(groups), micro_batch["input_ids"].device)
         states = [self._forward([sequences[i] for i in group], micro_batch) for group in groups]
         for _ in range(total - len(groups)):  # collectives in step with the rank that has the most pieces
-            self._forward([sequences[0][:1]], micro_batch)
-        if dummy:
+            self._forward([micro_batch["input_ids"][0][:1]], micro_batch)
+        if not sequences:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         lengths = torch.tensor(lengths)
         return torch.cat(states), torch.cumsum(lengths, 0) - lengths

@@ -8,8 +8,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
   to the batch (`distill_plan.plan_distillation`); count the completions whose grading timed out, was skipped
   or failed (`reward/grading_*`, from the grader's reward_extra_info; verl logs those for validation only).
-  This runs after `_balance_batch`, so the rows verl pads and
-  reorders already carry their final fields; padding rows get weight 0.
+  This runs after `_balance_batch`, so the rows verl pads and reorders already carry their final fields; padding
+  rows get weight 0.
 * `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`; every
   `ssopd.token_view_every` steps it asks the worker for a token view (`ssopd_verl.token_view`) and prints its path.
 * `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
@@ -37,6 +37,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from ssopd_verl import console
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.distill_plan import plan_distillation
+from ssopd_verl.evaluation.grading import GRADING_FLAGS
 from ssopd_verl.glue import estimator
 from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN, TOKEN_VIEW_PATH, TOKEN_VIEW_STEP
 from ssopd_verl.glue.checks import check_config, plain as _plain, warn_if_teacher_may_not_fit
@@ -231,14 +232,11 @@ def log_token_view(path: Path, step: int, loggers) -> bool:
     return True
 
 
-GRADING_FLAGS = ("grading_timeout", "grading_skipped", "grading_error")
-
-
 def grading_counts(extra_fields) -> dict[str, float]:
     """Completions of the step whose grading timed out, was skipped (answer too long, nothing to grade) or failed,
     from the reward_extra_info that `ssopd_verl.evaluation.grading.compute_score` returns (verl logs it for
     validation only): `reward/grading_timeout` etc. Absent when the reward function reports no such flags."""
-    infos = [(e or {}).get("reward_extra_info", {}) if isinstance(e, dict) else {} for e in list(extra_fields)]
+    infos = [e.get("reward_extra_info", {}) if isinstance(e, dict) else {} for e in extra_fields]
     counts = {}
     for flag in GRADING_FLAGS:
         values = [info[flag] for info in infos if flag in info]
