@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """SSOPD vs GRPO vs OPSD on the embedded tiny default, on CPU, over seeds: one command, every run through verl.
 
-  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --doc docs/evidence.md
+  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --lora-rank 16 --lr 2e-4 --steps 12 \
+      --test-freq 3 --doc docs/evidence.md        # the run in docs/evidence.md
 
 Each (method, seed) is one `python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default` run with
 the same start checkpoint (the tiny default), data and rollout budget (batch, group size, steps); only the method's
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,8 +112,6 @@ def run_one(args, method: str, seed: int) -> Path:
         print(f"{method} seed {seed}: done before, kept", flush=True)
         return tracker
     if run_dir.exists():  # an interrupted run: start it again from scratch (no checkpoints are kept)
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # +platform=cpu selects it
