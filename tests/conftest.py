@@ -26,6 +26,7 @@ def pytest_collection_modifyitems(config, items):
     if cached_tiny_default() is not None:
         return
     log = open(os.path.join(config.rootpath, ".tiny_default_build.log"), "w")
+    config._tiny_default_log = log
     config._tiny_default_build = subprocess.Popen(
         [sys.executable, "-m", "ssopd_verl.tiny_default"], stdout=log, stderr=subprocess.STDOUT
     )
@@ -37,6 +38,8 @@ def pytest_unconfigure(config):
     if build is not None and build.poll() is None:
         build.terminate()  # an interrupted build leaves only a temporary directory, never a half cache
         build.wait()
+    if build is not None:
+        config._tiny_default_log.close()
 
 
 @pytest.fixture(scope="session")
