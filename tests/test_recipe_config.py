@@ -105,7 +105,6 @@ def test_missing_block_says_how_to_fix():
         ("algorithm.adv_estimator=grpo", "adv_estimator=ssopd"),
         ("actor_rollout_ref.model.use_fused_kernels=true", "use_fused_kernels=false"),
         ("algorithm.use_kl_in_reward=true", "use_kl_in_reward"),
-        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "Ulysses"),
         ("ssopd.tau=-1", "tau"),
     ],
 )

@@ -64,12 +64,14 @@ def test_strategy_other_than_fsdp2_is_refused(good, strategy, why):
     assert "actor_rollout_ref.actor.strategy=fsdp2" in message
 
 
-def test_ulysses_through_verls_current_key_is_refused(good):
-    key = "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size"
-    message = refused(good, f"{key}=2")
-    assert f"{key}=2" in message and "Ulysses" in message
-    # plain GRPO through the same path runs no teacher forward
-    check_config(config_with(good, f"{key}=2", "ssopd.lambda=0"))
+@pytest.mark.parametrize("key", ["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+                                 "actor_rollout_ref.actor.ulysses_sequence_parallel_size"])  # fmt: skip
+def test_ulysses_runs_but_on_cpu_only_with_the_cpu_ulysses_attention(good, key):
+    check_config(config_with(good, f"{key}=2"))  # on GPU: verl's flash-attention patch does the all-to-alls
+    message = refused(good, f"{key}=2", "trainer.device=cpu")
+    assert f"{key}=2 on CPU" in message and "attn_implementation=ulysses_sdpa" in message
+    check_config(config_with(good, f"{key}=2", "trainer.device=cpu",
+                             "+actor_rollout_ref.model.override_config.attn_implementation=ulysses_sdpa"))  # fmt: skip
 
 
 def test_legacy_trainer_is_refused(good):
@@ -203,9 +205,10 @@ def test_valid_values_pass(good, override, value):
 # other refusals go through the same callback and are checked in-process above.
 BAD_RUNS = {
     "ssopd-type": ("ssopd.lambda='1.0'", "ssopd.lambda must be a finite number >= 0, got '1.0' (str)"),
-    "ulysses": (
+    "ulysses-cpu": (
         "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
-        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2 on CPU needs "
+        "actor_rollout_ref.model.override_config.attn_implementation=ulysses_sdpa",
     ),
 }
 

@@ -79,6 +79,7 @@ def build_cpu_fsdp2_engine(
     lora_rank: int = 0,
     lora_alpha: int = 16,
     target_modules: Union[str, Sequence[str]] = "all-linear",
+    ulysses_sequence_parallel_size: int = 1,
 ):
     """Build and ``initialize()`` verl's FSDP2 ``FSDPEngineWithLMHead`` for ``model_path`` on CPU (world size 1).
 
@@ -87,8 +88,11 @@ def build_cpu_fsdp2_engine(
     ``lora_rank > 0`` gives a LoRA actor (verl's PEFT path: only adapter weights train). Optimizer:
     verl's AdamW (weight decay 0.01, clip_grad 1.0, constant LR ``lr``). The returned engine carries the same
     ``engine_config`` values ``TrainingWorker`` would inject into each batch (see :func:`make_train_tensordict`).
+    ``ulysses_sequence_parallel_size > 1`` runs verl's Ulysses sequence parallelism over the process group's ranks,
+    with the CPU stand-in for verl's Ulysses flash-attention (:mod:`ssopd_verl.cpu.attention`).
     """
     ensure_cpu_platform()
+    from ssopd_verl.cpu.attention import register_ulysses_sdpa
     from ssopd_verl.cpu.platform import init_gloo_process_group
 
     init_gloo_process_group()
@@ -106,7 +110,7 @@ def build_cpu_fsdp2_engine(
 
     model_config = HFModelConfig(
         path=str(model_path),
-        override_config={"attn_implementation": "sdpa"},
+        override_config={"attn_implementation": register_ulysses_sdpa() if ulysses_sequence_parallel_size > 1 else "sdpa"},
         use_remove_padding=use_remove_padding,
         enable_gradient_checkpointing=gradient_checkpointing,
         use_fused_kernels=False,
@@ -123,6 +127,7 @@ def build_cpu_fsdp2_engine(
         mixed_precision=mixed_precision,
         use_torch_compile=False,
         use_dynamic_bsz=use_dynamic_bsz,
+        ulysses_sequence_parallel_size=ulysses_sequence_parallel_size,
         micro_batch_size_per_gpu=micro_batch_size_per_gpu,
         max_token_len_per_gpu=max_token_len_per_gpu,
         infer_micro_batch_size_per_gpu=micro_batch_size_per_gpu,

@@ -354,8 +354,13 @@ _ENGINE_BACKENDS = ("fsdp", "fsdp2")
 def register_cpu_engines() -> None:
     """Register verl's FSDP engines for device "cpu" (idempotent).
 
-    Imports ``verl.workers.engine.fsdp.transformer_impl``, which resolves verl's platform at import time.
+    Imports ``verl.workers.engine.fsdp.transformer_impl``, which resolves verl's platform at import time. Also
+    registers the CPU Ulysses attention (``attn_implementation=ulysses_sdpa``, :mod:`ssopd_verl.cpu.attention`),
+    which a CPU run with ``ulysses_sequence_parallel_size > 1`` must select.
     """
+    from ssopd_verl.cpu.attention import register_ulysses_sdpa
+
+    register_ulysses_sdpa()
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp import transformer_impl
 

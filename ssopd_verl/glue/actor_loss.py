@@ -19,6 +19,11 @@ first time as a *logits processor* when the micro-batch carries `distillation_us
 return per-position tensors shaped (1, N). We run the teacher there and return the per-position loss, KL and
 clip fraction; the engine nests them per row into `model_output`, and calls `fn(model_output=..., data=...)`
 for the loss proper. Nothing of verl is patched: the function is installed with `set_loss_fn`.
+
+Under Ulysses sequence parallelism the hook sees this rank's slice of the packed micro-batch's logits; it computes
+the terms of the distilled positions in that slice (the teacher states of all positions are gathered by
+`TeacherForward`), and the engine all-gathers the per-position outputs across the SP group, as it does the
+log-probs, with the gradient of each slice flowing back to the rank that holds it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight, response_logit_positions
+from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight, local_positions, response_logit_positions
 from ssopd_verl.losses import chunked_clipped_forward_kl
 
 # Per-row batch fields written by the trainer (every row carries them; see SSOPDTrainer).
@@ -97,7 +102,7 @@ class SSOPDActorLoss:
         if self.teacher is None:
             raise RuntimeError("SSOPDActorLoss needs the actor engine for the teacher forward (pass engine=)")
         started = time.perf_counter()
-        logits = student_logits.squeeze(0)  # (N, V), divided by temperature, with grad
+        logits = student_logits.squeeze(0)  # (N, V), divided by temperature, with grad; under SP, this rank's slice
         num_positions = logits.shape[0]
         seq_lens = data["input_ids"].offsets().diff().cpu()
         prompt_lens = data["prompts"].offsets().diff().cpu()
@@ -114,7 +119,13 @@ class SSOPDActorLoss:
         head = lm_head_weight(self.teacher.engine.module)  # a collective under FSDP2: on every rank
 
         zeros = logits.new_zeros(num_positions, dtype=torch.float32)
-        if not rows:
+        if rows:
+            plan = self._distilled_positions(data, rows, teacher_seqs, teacher_starts, seq_lens, prompt_lens)
+            # Under Ulysses SP, keep the positions of this rank's slice of the packed sequence (all of them without SP).
+            local, plan["student_pos"] = local_positions(plan["student_pos"], num_positions)
+            for key in ("teacher_pos", "sampled", "temperature"):
+                plan[key] = plan[key][local]
+        if not rows or len(plan["student_pos"]) == 0:
             # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
             loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
             self._teacher_seconds += time.perf_counter() - started
@@ -122,35 +133,18 @@ class SSOPDActorLoss:
                 key: zeros.unsqueeze(0) for key in DIAGNOSTICS
             }
 
-        weight = head.to(states.dtype)
-        seq_starts = torch.cumsum(seq_lens, 0) - seq_lens
-        index = torch.tensor(rows)
-        # The distilled positions: the target tokens in the teacher sequence (all of the response, or its first
-        # ssopd.max_distill_tokens; the trainer put only those there).
-        teacher_prompt_lens = data[TEACHER_PROMPT_LEN].cpu()[index]
-        distilled = torch.tensor([len(seq) for seq in teacher_seqs]) - teacher_prompt_lens
-        student_pos = response_logit_positions(seq_starts[index], prompt_lens[index], distilled)
-        teacher_pos = response_logit_positions(teacher_starts, teacher_prompt_lens, distilled)
-        device = logits.device
-        student_pos, teacher_pos = student_pos.to(device), teacher_pos.to(device)
-        # The token each distilled position predicts: the next input id of the student's sequence.
-        sampled = data["input_ids"].values()[student_pos + 1]
-
-        # Same temperature on both sides: the engine divided the student logits by the row's temperature.
-        temperature = _row_temperature(data, len(seq_lens)).to(device)
-        token_temperature = torch.repeat_interleave(temperature[index.to(device)], distilled.to(device))
-
+        student_pos = plan["student_pos"].to(logits.device)
         terms = chunked_clipped_forward_kl(
-            logits,  # the whole micro-batch; only the target rows' distilled positions are read (student_rows)
-            states[teacher_pos],
-            weight,
+            logits,  # the whole micro-batch (slice); only the target rows' distilled positions are read (student_rows)
+            states[plan["teacher_pos"].to(states.device)],
+            head.to(states.dtype),
             tau=self.ssopd.tau,
             clip=self.ssopd.clip,
-            temperature=token_temperature,
+            temperature=plan["temperature"].to(logits.device),
             student_prescaled=True,
             chunk_size=self.ssopd.chunk_size,
             student_rows=student_pos,
-            sampled_ids=sampled,
+            sampled_ids=plan["sampled"].to(logits.device),
         )
         place = lambda values: zeros.detach().index_put((student_pos,), values.detach().float())  # noqa: E731
         out = {
@@ -165,6 +159,30 @@ class SSOPDActorLoss:
         }
         self._teacher_seconds += time.perf_counter() - started
         return {key: value.unsqueeze(0) for key, value in out.items()}
+
+    @staticmethod
+    def _distilled_positions(data: TensorDict, rows, teacher_seqs, teacher_starts, seq_lens, prompt_lens) -> dict:
+        """For every distilled token of the target ``rows``: its student logit position in the packed micro-batch,
+        its teacher state position, the token the student sampled there and the row's temperature.
+
+        The distilled tokens are the target tokens in the teacher sequence (all of the response, or its first
+        ssopd.max_distill_tokens; the trainer put only those there).
+        """
+        index = torch.tensor(rows)
+        seq_starts = torch.cumsum(seq_lens, 0) - seq_lens
+        teacher_prompt_lens = data[TEACHER_PROMPT_LEN].cpu()[index]
+        distilled = torch.tensor([len(seq) for seq in teacher_seqs]) - teacher_prompt_lens
+        student_pos = response_logit_positions(seq_starts[index], prompt_lens[index], distilled)
+        values = data["input_ids"].values()
+        # Same temperature on both sides: the engine divided the student logits by the row's temperature.
+        temperature = _row_temperature(data, len(seq_lens)).cpu()[index]
+        return {
+            "student_pos": student_pos,
+            "teacher_pos": response_logit_positions(teacher_starts, teacher_prompt_lens, distilled),
+            # the token each distilled position predicts: the next input id of the student's sequence
+            "sampled": values[student_pos.to(values.device) + 1].cpu(),
+            "temperature": torch.repeat_interleave(temperature, distilled),
+        }
 
     # ---- second call: the loss ----------------------------------------------------------------------------------
     def loss(self, model_output, data: TensorDict, dp_group=None):

@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 STRATEGY = "fsdp2"
 ULYSSES_KEYS = (
     "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",  # verl 0.9.1's key
-    "actor_rollout_ref.actor.ulysses_sequence_parallel_size",  # deprecated; verl copies it into fsdp_config
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size",  # deprecated; verl copies it into fsdp_config later
 )
+CPU_ULYSSES_ATTENTION = "ulysses_sdpa"  # ssopd_verl.cpu.attention.NAME (glue does not import the CPU runtime)
 # Rows of each training file read for witness_source=reference_solution.
 SOLUTION_ROWS = 8
 _PLACEHOLDER = re.compile(r"\{(problem|witness)\}")
@@ -62,8 +63,8 @@ def check_config(config, *, warn: bool = True) -> SSOPDConfig:
     if ssopd.enabled and config.actor_rollout_ref.model.get("use_fused_kernels", False):
         raise ValueError("SSOPD reads the full student logits: set actor_rollout_ref.model.use_fused_kernels=false")
     _check_strategy(config)
+    _check_ulysses(config)
     if ssopd.enabled:
-        _check_ulysses(config)
         _check_teacher(config, ssopd)
     if config.actor_rollout_ref.get("ssopd", None) is None:
         raise ValueError("actor_rollout_ref.ssopd is missing: the recipe overlay sets it to ${ssopd}")
@@ -120,17 +121,20 @@ def _check_strategy(config) -> None:
 
 
 def _check_ulysses(config) -> None:
-    # Only the actor: the teacher forward runs in the actor update. The ref computes only the reference
-    # log-probs, with verl's own code, which supports Ulysses.
-    for key in ULYSSES_KEYS:
-        size = OmegaConf.select(config, key, default=1)
-        if size is not None and size != 1:
-            raise ValueError(
-                f"{key}={size}: SSOPD does not support Ulysses sequence parallelism (the teacher forward inside the "
-                f"actor update sees shard-local student positions). Set {key}=1; for long responses use dynamic "
-                f"batching (actor_rollout_ref.actor.use_dynamic_bsz), gradient checkpointing and offloading. "
-                f"(ssopd.lambda=0, plain GRPO, runs with Ulysses.)"
-            )
+    """Ulysses SP runs (the teacher forward and loss are sequence-parallel, see glue/teacher_forward.py), but on CPU
+    only with the CPU runtime's Ulysses attention: verl's all-to-alls live in its flash-attention patch, and plain
+    sdpa would let each rank attend within its own slice only, a silently wrong model."""
+    sizes = {key: OmegaConf.select(config, key, default=1) or 1 for key in ULYSSES_KEYS}
+    sp_key, size = max(sizes.items(), key=lambda item: item[1])
+    if size == 1 or OmegaConf.select(config, "trainer.device", default=None) != "cpu":
+        return
+    key = "actor_rollout_ref.model.override_config.attn_implementation"
+    attention = OmegaConf.select(config, key, default=None)
+    if attention != CPU_ULYSSES_ATTENTION:
+        raise ValueError(
+            f"{sp_key}={size} on CPU needs {key}={CPU_ULYSSES_ATTENTION} (got {attention}): verl's Ulysses "
+            f"all-to-alls are in its flash-attention patch, and CPU has no flash-attention"
+        )
 
 
 def _check_teacher(config, ssopd: SSOPDConfig) -> None:

@@ -20,6 +20,15 @@ sequences of a micro-batch are packed, in order, into forwards of at most ``max_
 sequence gets a forward of its own), so that no teacher forward holds more tokens than verl lets a student
 forward hold. Every forward is a collective under FSDP2, so the ranks first agree on the number of forwards (an
 all-reduce of the maximum) and a rank with fewer pieces, or no target at all, runs one-token dummy forwards.
+
+Ulysses sequence parallelism (``actor.fsdp_config.ulysses_sequence_parallel_size = sp > 1``): the ranks of an SP
+group hold the same micro-batch, and the engine gives each the logits of one slice of the packed student sequence.
+The teacher forward goes through the same ``prepare_model_inputs``, so each rank forwards one slice of the packed
+teacher sequence (the attention's all-to-alls join them), then the slices' final states are all-gathered, without
+gradient: [teacher tokens x hidden] per rank, never [tokens x vocabulary]. The loss reads, for each student position
+of its own slice (:func:`local_positions`), the teacher state of the matching target token wherever it was computed.
+A piece then holds up to ``max_tokens * sp`` tokens, ``max_tokens`` per rank, as verl sizes the student's
+micro-batches under SP. Every rank of the group runs the same pieces, so the collectives stay in step.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.dataset_utils import DatasetPadMode
+from verl.utils.ulysses import gather_outputs_and_unpad, get_ulysses_sequence_parallel_rank
 
 
 def response_logit_positions(seq_starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens: torch.Tensor) -> torch.Tensor:
@@ -46,6 +56,18 @@ def response_logit_positions(seq_starts: torch.Tensor, prompt_lens: torch.Tensor
         for s, p, r in zip(seq_starts.tolist(), prompt_lens.tolist(), resp_lens.tolist(), strict=True)
     ]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def local_positions(positions: torch.Tensor, num_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the packed-sequence ``positions`` lie in this rank's shard, and where in it.
+
+    Under Ulysses SP the engine hands the logits hook this rank's slice of the packed (and padded) micro-batch:
+    ``num_local`` positions starting at ``sp_rank * num_local`` (verl's ``ulysses_pad_and_slice_inputs``). Without
+    SP the rank is 0 and every position is local. Returns (mask over ``positions``, local index of those kept).
+    """
+    start = get_ulysses_sequence_parallel_rank() * num_local
+    keep = (positions >= start) & (positions < start + num_local)
+    return keep, positions[keep] - start
 
 
 def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -117,7 +139,8 @@ class TeacherForward:
         the micro-batch, and returns empty tensors.
         """
         lengths = [len(s) for s in sequences]
-        groups = pack_in_order(lengths, self.max_tokens)
+        sp = getattr(self.engine, "ulysses_sequence_parallel_size", 1) if getattr(self.engine, "use_ulysses_sp", False) else 1
+        groups = pack_in_order(lengths, None if self.max_tokens is None else self.max_tokens * sp)
         total = agreed_count(len(groups), micro_batch["input_ids"].device)
         states = [self._forward([sequences[i] for i in group], micro_batch) for group in groups]
         for _ in range(total - len(groups)):  # collectives in step with the rank that has the most pieces
@@ -147,7 +170,8 @@ class TeacherForward:
         if tu.get_non_tensor_data(data=batch, key="pad_mode", default=DatasetPadMode.NO_PADDING) != DatasetPadMode.NO_PADDING:
             raise NotImplementedError("SSOPD's teacher forward supports verl's NO_PADDING layout only")
 
-        model_inputs, _ = self.engine.prepare_model_inputs(micro_batch=batch)
+        # Under Ulysses SP this pads the packed teacher sequence to a multiple of sp and keeps this rank's shard.
+        model_inputs, output_args = self.engine.prepare_model_inputs(micro_batch=batch)
         lengths = torch.tensor([len(s) for s in sequences])
         captured = {}
 
@@ -166,6 +190,11 @@ class TeacherForward:
         finally:
             handle.remove()
         states = captured["states"]
+        if getattr(self.engine, "use_ulysses_sp", False):
+            # This rank's shard of the packed teacher sequence -> all of it, as verl gathers the student's outputs
+            # (no gradient: the teacher is stop-gradient). The loss then reads the teacher state of any position.
+            states = gather_outputs_and_unpad(states, gather_dim=1, unpad_dim=1, padding_size=output_args["pad_size"],
+                                              grad_scaler=False)  # fmt: skip
         if tu.get_non_tensor_data(data=batch, key="use_remove_padding", default=True):
             states = states.reshape(-1, states.shape[-1])[: int(lengths.sum())]  # packed (1, total [+pad], H)
         else:
