@@ -63,6 +63,10 @@ class SSOPDConfig:
     reference_solution_key: str = "extra_info.solution"
     # Tokens of the teacher logits materialised at once in the chunked loss.
     chunk_size: int = 128
+    # With verl's dynamic batching: count the teacher tokens in ppo_max_token_len_per_gpu (fewer student tokens per
+    # micro-batch so that student + teacher fit it; glue/teacher_forward.student_token_budget). False: verl's
+    # student-only budget, faster, and the teacher's states ride on top of it.
+    teacher_in_token_budget: bool = True
     # Seed of the random_correct / random_wrong ablations (mixed with the step number).
     seed: int = 0
     # Token view (ssopd_verl.token_view): every N steps an HTML page of up to token_view_targets distilled targets,
@@ -111,6 +115,7 @@ class SSOPDConfig:
             f"{_show(self.reference_solution_key)}",
         )
         _integer("chunk_size", self.chunk_size, minimum=1)
+        _type("teacher_in_token_budget", self.teacher_in_token_budget, bool, "true or false")
         _integer("seed", self.seed, minimum=0)
         _integer("token_view_every", self.token_view_every, minimum=0)
         _integer("token_view_targets", self.token_view_targets, minimum=1)

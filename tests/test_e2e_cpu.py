@@ -14,7 +14,8 @@ Three runs, one after the other, share the work of several checks:
   to the order of float sums.
 * E, the experiment command (`scripts/experiment_cpu.py`) at 2 steps for `ssopd-initial`: the reported setup's
   shape (LoRA actor merged into the rollout's weights; ``ssopd.teacher=initial``, the base model with the adapters
-  disabled; ``ssopd.max_distill_tokens``). LoRA starts as the identity (B = 0), so with A's seed its step 1 samples
+  disabled; ``ssopd.max_distill_tokens``), with dynamic batching that counts the teacher tokens. LoRA starts as
+  the identity (B = 0), so with A's seed its step 1 samples
   exactly what A's step 1 sampled, and its step-0 validation scores the start checkpoint exactly as A's did.
 """
 
@@ -38,6 +39,7 @@ SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean"
 # Equal up to the order of float32 sums (verl orders a batch by completion time): both are means of per-token terms
 # of order 1 that nearly cancel, so a different row order moves them by ~1e-8 absolute.
 LOSS_METRICS = ("actor/pg_loss", "ssopd/distill_loss")
+TOKEN_BUDGET = 512  # E's dynamic-batching budget (ppo_max_token_len_per_gpu), teacher tokens included
 
 
 def main_ppo(workdir: Path, *overrides: str) -> dict[int, dict]:
@@ -88,7 +90,8 @@ def runs(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
          "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
-         "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16"],
+         "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16", "actor_rollout_ref.actor.use_dynamic_bsz=true",
+         f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -160,6 +163,8 @@ def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon
     # at step 1 the initial teacher is the live one: the same targets, cut to their first 16 tokens
     assert lora[1]["ssopd/distilled_tokens"] <= 16 * lora[1]["ssopd/pairs"] < main[1]["ssopd/distilled_tokens"]
     assert lora[1]["ssopd/distill_loss"] != 0 and lora[2]["ssopd/kl_unclipped"] > 0
+    # E batches dynamically: no micro-batch's student + teacher tokens exceed the budget (A: one micro-batch)
+    assert lora[1]["ssopd/micro_batch_tokens_max"] <= TOKEN_BUDGET < main[1]["ssopd/micro_batch_tokens_max"]
     assert validation(lora[2])
     text = (runs["root"] / "evidence.md").read_text()
     assert "| ssopd-initial | 1 |" in text and (runs["root"] / "e" / "evidence.png").exists()

@@ -353,3 +353,44 @@ def test_teacher_sequences_are_packed_in_order_within_the_token_budget():
     assert pack_in_order([9, 1, 1], 5) == [[0], [1, 2]]  # a sequence longer than the budget gets its own forward
     assert pack_in_order([3, 4, 5], None) == [[0, 1, 2]]
     assert pack_in_order([], 7) == [] and pack_in_order([], None) == []
+
+
+def test_student_token_budget_leaves_room_for_the_teacher():
+    from ssopd_verl.glue.teacher_forward import student_token_budget
+
+    # rows of 10 and 20 student tokens; the first is a target with a 30-token teacher sequence: ratio 4
+    assert student_token_budget(100, [10, 20], [30, 0]) == 25
+    assert student_token_budget(100, [10, 20], [0, 0]) == 100  # no target: verl's budget unchanged
+    assert student_token_budget(40, [10, 20], [30, 0]) == 20  # never below the longest row (verl needs it to fit)
+    assert student_token_budget(40, [10, 20], [30, 0], sp=2) == 10  # ... its share per rank under Ulysses SP
+    with pytest.raises(ValueError):
+        student_token_budget(100, [], [])
+
+
+def test_dynamic_batches_count_teacher_tokens_and_keep_the_loss(engine, groups, tokenizer):
+    """verl's dynamic batching with the student budget of `student_token_budget`: every micro-batch's student +
+    teacher tokens fit the budget (verl's own split, counting student tokens only, overshoots it), and the
+    distillation term equals the one of a single micro-batch."""
+    from ssopd_verl.glue.actor_loss import TEACHER_IDS, mark_for_distillation
+    from ssopd_verl.glue.teacher_forward import student_token_budget
+
+    cfg = SSOPDConfig()
+    plan = plan_for(groups, tokenizer, cfg)
+    student = [len(r["prompt"]) + len(r["response"]) for r in groups]
+    teacher = [len(ids) if w > 0 else 0 for ids, w in zip(plan.teacher_ids, plan.weight)]
+    budget = max(s + t for s, t in zip(student, teacher))  # the largest row, teacher included, just fits
+    results = {}
+    for name, limit in [("whole", None), ("student_only", budget),
+                        ("with_teacher", student_token_budget(budget, student, teacher))]:  # fmt: skip
+        kw = ({"micro_batch_size_per_gpu": len(groups)} if limit is None
+              else {"use_dynamic_bsz": True, "max_token_len_per_gpu": limit})  # fmt: skip
+        td = make_batch(groups, plan, engine, compute_loss=True, **kw)
+        mark_for_distillation(td, cfg)
+        with engine.eval_mode():
+            output = engine.infer_batch(td, loss_function=actor_loss(cfg, engine))
+        metric = output["metrics"]["ssopd/micro_batch_tokens_max"]
+        largest = max(float(m.aggregate()) for m in (metric if isinstance(metric, list) else [metric]))
+        results[name] = (_metric_sum(output, "ssopd/distill_loss"), largest)
+    assert results["student_only"][1] > budget >= results["with_teacher"][1]
+    assert results["with_teacher"][0] == pytest.approx(results["whole"][0], rel=1e-5)
+    assert results["student_only"][0] == pytest.approx(results["whole"][0], rel=1e-5)

@@ -216,6 +216,12 @@ class SSOPDActorLoss:
 
         is_target = weights > 0
         with torch.no_grad():
+            # What this micro-batch holds per rank, student + teacher tokens (the teacher_in_token_budget check).
+            teacher_tokens = (data[TEACHER_IDS].offsets().diff().to(is_target.device) * is_target).sum()
+            student_tokens = data["input_ids"].offsets().diff().sum().to(is_target.device)
+            metrics["ssopd/micro_batch_tokens_max"] = Metric(
+                value=float(student_tokens + teacher_tokens), aggregation=AggregationType.MAX
+            )
             # Same normalisation and aggregation (SUM over micro-batches) as verl's actor/pg_loss metric.
             metrics["ssopd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
             metrics["ssopd/teacher_time_s"] = Metric(value=self._teacher_seconds, aggregation=AggregationType.SUM)

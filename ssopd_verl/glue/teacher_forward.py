@@ -34,6 +34,7 @@ micro-batches under SP. Every rank of the group runs the same pieces, so the col
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -103,6 +104,23 @@ def pack_in_order(lengths: list[int], max_tokens: Optional[int]) -> list[list[in
         current.append(i)
         tokens += n
     return groups + ([current] if current else [])
+
+
+def student_token_budget(budget: int, student_lens: Sequence[int], teacher_lens: Sequence[int], sp: int = 1) -> int:
+    """The ``max_token_len_per_gpu`` to give verl's dynamic batching for an update whose rows also carry teacher
+    sequences, so that no micro-batch holds more than ``budget`` student + teacher tokens per rank.
+
+    verl forms micro-batches by student length alone (``seqlen_balancing.rearrange_micro_batches`` reads the
+    ``input_ids`` offsets; it takes no per-row length), but ``TrainingWorker`` keeps a ``max_token_len_per_gpu`` the
+    caller put in the batch. Each row carries at most ``r = max_i (s_i + t_i) / s_i`` times its student tokens in
+    all (``t_i = 0`` for rows that are not targets), so micro-batches of at most ``budget / r`` student tokens hold
+    at most ``budget`` tokens. Never below the longest row's share per rank, ``ceil(max_i s_i / sp)`` (verl requires
+    a row to fit); a target longer than that on its own still has its teacher forward split (``TeacherForward``).
+    """
+    if not student_lens or min(student_lens) < 1:
+        raise ValueError("student_token_budget needs at least one row and rows of >= 1 token")
+    ratio = max((s + t) / s for s, t in zip(student_lens, teacher_lens, strict=True))
+    return max(int(budget // ratio), -(-max(student_lens) // sp))
 
 
 def agreed_count(count: int, device) -> int:

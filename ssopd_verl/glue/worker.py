@@ -3,8 +3,9 @@
 Two small overrides, both through verl's public surface:
 * `init_model`: after verl builds the actor, wrap its `ppo_loss` in `SSOPDActorLoss` and install it with
   `set_loss_fn` (the loss needs the engine for the teacher forward).
-* `update_actor`: mark the micro-batches with `distillation_use_topk=True`, the flag on which verl's FSDP engine
-  calls the loss as a logits processor (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not
+* `update_actor`: with dynamic batching, lower the batch's `max_token_len_per_gpu` so that the teacher tokens count
+  in the budget (`student_token_budget`, `ssopd.teacher_in_token_budget`); mark the micro-batches with
+  `distillation_use_topk=True`, the flag on which verl's FSDP engine calls the loss as a logits processor (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not
   see it. With lambda = 0 the flag stays off and the update is verl's GRPO update, unchanged. When the trainer
   asked for a token view of the step (`TOKEN_VIEW_STEP` and `TOKEN_VIEW_PATH` in the batch), rank 0 writes the
   targets its loss kept.
@@ -15,6 +16,7 @@ reaches it as `actor_rollout_ref.ssopd`, an interpolation of the top-level block
 
 from __future__ import annotations
 
+import torch
 from omegaconf import OmegaConf
 
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
@@ -24,7 +26,14 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.plugin.platform import get_platform
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.actor_loss import TOKEN_VIEW_PATH, SSOPDActorLoss, mark_for_distillation
+from ssopd_verl.glue.actor_loss import (
+    ROW_WEIGHT,
+    TEACHER_IDS,
+    TOKEN_VIEW_PATH,
+    SSOPDActorLoss,
+    mark_for_distillation,
+)
+from ssopd_verl.glue.teacher_forward import student_token_budget
 from ssopd_verl.token_view import write_token_view
 
 
@@ -54,6 +63,15 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data):
         mark_for_distillation(data, self.ssopd)
+        actor = self.config.actor
+        if self.ssopd.enabled and self.ssopd.teacher_in_token_budget and actor.get("use_dynamic_bsz", False):
+            # verl keeps a max_token_len_per_gpu already in the batch (TrainingWorker.train_batch): a smaller one
+            # so that each micro-batch's student + teacher tokens fit ppo_max_token_len_per_gpu.
+            weights = data[ROW_WEIGHT]
+            teacher = data[TEACHER_IDS].offsets().diff() * (weights > 0).to(torch.long)
+            budget = student_token_budget(actor.ppo_max_token_len_per_gpu, data["input_ids"].offsets().diff().tolist(),
+                                          teacher.tolist(), sp=self.actor.engine.ulysses_sequence_parallel_size)  # fmt: skip
+            tu.assign_non_tensor(data, max_token_len_per_gpu=budget)
         output = super().update_actor(data)
         records, self.loss_fn.view_records = self.loss_fn.view_records, []
         if records:  # kept on rank 0 only
