@@ -3,8 +3,8 @@
 Run: ``cd /work/main && .venv/bin/python -m pytest -q tests/test_hf_rollout.py``.
 
 The server and the adapter run in this process (the adapter reaches the server through a stand-in for a Ray actor
-handle); one test at the end starts a local Ray cluster and goes through the replica, the actor options and the
-actor-name lookup that a real ``main_ppo`` run uses.
+handle). The Ray path (the replica, the server actor's options, the adapter's actor-name lookup, weight updates
+every step) is what the end-to-end ``main_ppo`` runs of ``tests/test_e2e_cpu.py`` go through.
 """
 
 import asyncio
@@ -567,67 +567,3 @@ def test_rollout_follows_the_actor_after_a_ppo_step(dummy_server, engine, prompt
         torch.testing.assert_close(torch.tensor(out.log_probs), want.float(), atol=LOGPROB_TOL, rtol=0)
         assert out.extra_fields["global_steps"] == 1
     assert all(o.extra_fields["global_steps"] == 0 for o in stale)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the real Ray plumbing: replica -> server actor (no GPU) -> adapter finds it by name
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()  # reuse a cluster another test started in this process
-    if started:
-        ray.init(
-            num_cpus=1,
-            num_gpus=0,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"VERL_PLATFORM": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
-        )
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-def test_replica_launches_a_cpu_server_actor(ray_cluster, model_path, model_config, hf_model, prompts):
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
-
-    ray = ray_cluster
-
-    @ray.remote(num_cpus=1)
-    class FakeTrainerRank:  # stands in for the trainer worker the server is placed next to
-        def ping(self):
-            return True
-
-    worker = FakeTrainerRank.remote()
-    # the trainer hands the replica the raw actor_rollout_ref.model DictConfig
-    raw_model_config = OmegaConf.create({"path": model_path, "override_config": {"attn_implementation": "sdpa"}})
-    config = _rollout_config(load_format="dummy")
-    replica = HFReplica(replica_rank=0, config=config, model_config=raw_model_config, gpus_per_node=1)
-
-    async def scenario():
-        await asyncio.wait_for(replica.init_hybrid(types.SimpleNamespace(workers=[worker])), timeout=120)
-        assert replica.server_address.startswith("hf://") and replica.server_handle is replica.servers[0]
-        # the 1-CPU cluster is fully taken by the fake trainer rank: the server reserved no CPU and no GPU
-        assert ray.available_resources().get("CPU", 0) == 0
-        adapter = HFServerAdapter(config, model_config, device_mesh=None)  # finds the server actor by name
-        perturbed = _perturbed_state_dict(hf_model, seed=2)
-        await replica.sleep()
-        await adapter.update_weights(iter(perturbed.items()), global_steps=5)
-        await adapter.resume(tags=["kv_cache"])
-        await replica.wake_up()
-        handle = replica.server_handle
-        out = await handle.generate.remote(prompt_ids=prompts[1], sampling_params=dict(GREEDY), request_id="r")
-        await replica.abort_all_requests()
-        await replica.resume_generation()
-        return perturbed, out
-
-    perturbed, out = _run(scenario())
-    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    ref.load_state_dict(perturbed)
-    assert out.token_ids == _reference_greedy(ref, prompts[1], RESPONSE_LENGTH, (QWEN3_IM_END, QWEN3_ENDOFTEXT))
-    assert out.extra_fields["global_steps"] == 5 and out.log_probs is None
