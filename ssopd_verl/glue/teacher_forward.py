@@ -157,8 +157,7 @@ class TeacherForward:
         the micro-batch, and returns empty tensors.
         """
         lengths = [len(s) for s in sequences]
-        sp = getattr(self.engine, "ulysses_sequence_parallel_size", 1) if getattr(self.engine, "use_ulysses_sp", False) else 1
-        groups = pack_in_order(lengths, None if self.max_tokens is None else self.max_tokens * sp)
+        groups = pack_in_order(lengths, None if self.max_tokens is None else self.max_tokens * self._sp_size())
         total = agreed_count(len(groups), micro_batch["input_ids"].device)
         states = [self._forward([sequences[i] for i in group], micro_batch) for group in groups]
         for _ in range(total - len(groups)):  # collectives in step with the rank that has the most pieces
@@ -167,6 +166,10 @@ class TeacherForward:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         lengths = torch.tensor(lengths)
         return torch.cat(states), torch.cumsum(lengths, 0) - lengths
+
+    def _sp_size(self) -> int:
+        """The Ulysses sequence-parallel size of the engine (1 without SP)."""
+        return self.engine.ulysses_sequence_parallel_size if getattr(self.engine, "use_ulysses_sp", False) else 1
 
     def _forward(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> torch.Tensor:
         """One forward of the engine's module over ``sequences``; their final hidden states, packed."""
@@ -208,7 +211,7 @@ class TeacherForward:
         finally:
             handle.remove()
         states = captured["states"]
-        if getattr(self.engine, "use_ulysses_sp", False):
+        if self._sp_size() > 1:
             # This rank's shard of the packed teacher sequence -> all of it, as verl gathers the student's outputs
             # (no gradient: the teacher is stop-gradient). The loss then reads the teacher state of any position.
             states = gather_outputs_and_unpad(states, gather_dim=1, unpad_dim=1, padding_size=output_args["pad_size"],

@@ -5,10 +5,10 @@ Two small overrides, both through verl's public surface:
   `set_loss_fn` (the loss needs the engine for the teacher forward).
 * `update_actor`: with dynamic batching, lower the batch's `max_token_len_per_gpu` so that the teacher tokens count
   in the budget (`student_token_budget`, `ssopd.teacher_in_token_budget`); mark the micro-batches with
-  `distillation_use_topk=True`, the flag on which verl's FSDP engine calls the loss as a logits processor (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not
-  see it. With lambda = 0 the flag stays off and the update is verl's GRPO update, unchanged. When the trainer
-  asked for a token view of the step (`TOKEN_VIEW_STEP` and `TOKEN_VIEW_PATH` in the batch), rank 0 writes the
-  targets its loss kept.
+  `distillation_use_topk=True`, the flag on which verl's FSDP engine calls the loss as a logits processor
+  (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not see it. With lambda = 0 the flag stays
+  off and the update is verl's GRPO update, unchanged. When the trainer asked for a token view of the step
+  (`TOKEN_VIEW_STEP` and `TOKEN_VIEW_PATH` in the batch), rank 0 writes the targets its loss kept.
 
 The trainer maps the actor role to this class (`SSOPDTrainer._init_resource_pool_mgr`). The `ssopd:` block
 reaches it as `actor_rollout_ref.ssopd`, an interpolation of the top-level block set by the recipe overlay.
