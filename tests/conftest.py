@@ -1,6 +1,9 @@
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 # verl resolves its platform once per process, on first use: every test in this pytest process runs verl on
 # the CPU platform that ssopd-verl registers (there is no accelerator on CI machines).
@@ -10,36 +13,51 @@ import pytest
 
 # Modules that use the embedded tiny default (built once into the user cache, a few minutes of one CPU core).
 TINY_DEFAULT_MODULES = ("test_e2e_cpu.py", "test_tiny_default.py")
+E2E_MODULE = "test_e2e_cpu.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the tests that need the tiny default last, and start building it now in a background process (one
-    thread, under the cache's file lock), so that the build overlaps the other tests instead of adding to them;
-    the first test that needs it waits on the lock and then reads the cache. Nothing starts when none of the
-    selected tests needs it, or when it is cached already."""
+    """Run the tests that need the tiny default last, and start now, in a background process, what they need:
+
+    * with the end-to-end tests selected, ``tests/e2e_runs.py`` (it builds the tiny default, then runs the three
+      ``main_ppo`` runs, ~8 minutes): the runs overlap the other tests, whose processes leave a core idle most of
+      the time; ``test_e2e_cpu.py`` waits for it;
+    * otherwise the tiny default's build alone (one thread, under the cache's file lock, a few minutes), unless
+      it is cached; the first test that needs it waits on the lock and then reads the cache.
+    """
     needs = [item for item in items if item.path.name in TINY_DEFAULT_MODULES]
     if not needs:
         return
     items[:] = [item for item in items if item.path.name not in TINY_DEFAULT_MODULES] + needs
+    if any(item.path.name == E2E_MODULE for item in needs):
+        root = Path(tempfile.mkdtemp(prefix="ssopd-e2e-"))
+        command = [sys.executable, str(Path(__file__).with_name("e2e_runs.py")), str(root)]
+        config._e2e_runs = (_background(config, command, root / "runs.log"), root)
+        print(f"\nrunning the end-to-end runs in the background (log: {root / 'runs.log'})")
+        return
     from ssopd_verl.tiny_default import cached_tiny_default
 
     if cached_tiny_default() is not None:
         return
-    log = open(os.path.join(config.rootpath, ".tiny_default_build.log"), "w")
-    config._tiny_default_log = log
-    config._tiny_default_build = subprocess.Popen(
-        [sys.executable, "-m", "ssopd_verl.tiny_default"], stdout=log, stderr=subprocess.STDOUT
-    )
-    print(f"\nbuilding the tiny default in the background (log: {log.name})")
+    _background(config, [sys.executable, "-m", "ssopd_verl.tiny_default"], config.rootpath / ".tiny_default_build.log")
+    print(f"\nbuilding the tiny default in the background (log: {config.rootpath / '.tiny_default_build.log'})")
+
+
+def _background(config, command: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    # its own process group, so that stopping it stops the runs' children (main_ppo, Ray) too
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    config._background = getattr(config, "_background", []) + [(proc, log)]
+    return proc
 
 
 def pytest_unconfigure(config):
-    build = getattr(config, "_tiny_default_build", None)
-    if build is not None and build.poll() is None:
-        build.terminate()  # an interrupted build leaves only a temporary directory, never a half cache
-        build.wait()
-    if build is not None:
-        config._tiny_default_log.close()
+    for proc, log in getattr(config, "_background", []):
+        if proc.poll() is None:
+            # an interrupted build leaves only a temporary directory, never a half cache
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="session")

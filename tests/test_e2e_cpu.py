@@ -4,7 +4,8 @@ Everything runs for real: Hydra + our overlays, Ray, TransferQueue, the agent lo
 backend, verl's reward loop with the bounded grader, the SSOPD trainer, worker and loss, checkpointing and resume.
 The embedded tiny default (built once into the user cache) gives mixed groups, so SSOPD has pairs.
 
-Three runs, one after the other, share the work of several checks:
+Three runs, one after the other (``tests/e2e_runs.py``; ``conftest.py`` starts them in the background at
+collection, so that they overlap the other tests), share the work of several checks:
 
 * A, the README's main job (full fine-tuning, live teacher): validation, 3 steps, a checkpoint at step 2 (and at
   the end), a token view at step 2.
@@ -15,23 +16,18 @@ Three runs, one after the other, share the work of several checks:
 * E, the experiment command (`scripts/experiment_cpu.py`) at 2 steps for `ssopd-initial`: the reported setup's
   shape (LoRA actor merged into the rollout's weights; ``ssopd.teacher=initial``, the base model with the adapters
   disabled; ``ssopd.max_distill_tokens``), with dynamic batching that counts the teacher tokens. LoRA starts as
-  the identity (B = 0), so with A's seed its step 1 samples
-  exactly what A's step 1 sampled, and its step-0 validation scores the start checkpoint exactly as A's did.
+  the identity (B = 0), so with A's seed its step 1 samples exactly what A's step 1 sampled, and its step-0
+  validation scores the start checkpoint exactly as A's did.
 """
 
-import json
 import math
 import re
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT, EXPERIMENT = "ssopd-tiny", "e2e"
+import e2e_runs
+from e2e_runs import TOKEN_BUDGET
+
 # decided by the samples alone: must be equal between runs that sampled the same completions
 SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean", "ssopd/target_len_mean",
                   "ssopd/teacher_len_mean", "critic/score/mean", "critic/score/min", "critic/score/max",
@@ -39,31 +35,6 @@ SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean"
 # Equal up to the order of float32 sums (verl orders a batch by completion time): both are means of per-token terms
 # of order 1 that nearly cancel, so a different row order moves them by ~1e-8 absolute.
 LOSS_METRICS = ("actor/pg_loss", "ssopd/distill_loss")
-TOKEN_BUDGET = 512  # E's dynamic-batching budget (ppo_max_token_len_per_gpu), teacher tokens included
-
-
-def main_ppo(workdir: Path, *overrides: str) -> dict[int, dict]:
-    """Run the main job in ``workdir`` (verl's file logger writes under it); returns its metrics by step."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # the +platform=cpu overlay selects it
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
-        f"trainer.project_name={PROJECT}", f"trainer.experiment_name={EXPERIMENT}",
-        f"trainer.default_local_dir={workdir / 'checkpoints'}", *overrides,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
-    (workdir / "main_ppo.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return tracker(workdir / PROJECT / f"{EXPERIMENT}.jsonl")
-
-
-def tracker(path: Path) -> dict[int, dict]:
-    """verl's `file` logger: one JSON line {step, data} per log call; merged per step."""
-    steps: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        steps.setdefault(row["step"], {}).update(row["data"])
-    return steps
 
 
 def validation(metrics: dict) -> dict:
@@ -77,26 +48,19 @@ def assert_same_samples(want: dict, got: dict, ignore: tuple = ()) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    main = main_ppo(root / "a", "trainer.total_training_steps=3", "trainer.save_freq=2", "trainer.test_freq=2",
-                    "trainer.val_before_train=true", "actor_rollout_ref.rollout.seed=0")  # the experiment's seed 0
-    checkpoints = root / "c" / "checkpoints"  # a fresh directory holding only A's step-2 checkpoint
-    shutil.copytree(root / "a" / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
-    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
-    resumed = main_ppo(root / "c", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.test_freq=-1",
-                       "trainer.val_before_train=false", "trainer.resume_mode=auto",
-                       "actor_rollout_ref.rollout.seed=0")  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
-         "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
-         "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16", "actor_rollout_ref.actor.use_dynamic_bsz=true",
-         f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    experiment = tracker(root / "e" / "runs" / "ssopd-initial-s0" / "experiment" / "ssopd-initial-s0.jsonl")
-    return {"root": root, "main": main, "resumed": resumed, "experiment": experiment}
+def runs(request, tmp_path_factory):
+    """The runs of tests/e2e_runs.py: started in the background by conftest.py at collection (waited for here),
+    or run here when nothing started them."""
+    background = getattr(request.config, "_e2e_runs", None)
+    if background is None:
+        root = tmp_path_factory.mktemp("e2e")
+        e2e_runs.run_all(root)
+    else:
+        proc, root = background
+        proc.wait(timeout=3600)
+        failure = root / "failure.txt"
+        assert proc.returncode == 0, failure.read_text() if failure.exists() else f"see {root / 'runs.log'}"
+    return {"root": root, **e2e_runs.metrics(root)}
 
 
 def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
