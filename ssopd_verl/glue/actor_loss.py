@@ -64,6 +64,12 @@ TOKEN_VIEW_STEP = "ssopd_token_view_step"
 TOKEN_VIEW_PATH = "ssopd_token_view_path"  # and the HTML file rank 0 writes
 
 
+def teacher_tokens(data: TensorDict) -> torch.Tensor:
+    """Teacher tokens per row of an update batch: its teacher sequence's length for a target, 0 otherwise (rows
+    that are not targets carry a one-token placeholder)."""
+    return data[TEACHER_IDS].offsets().diff() * (data[ROW_WEIGHT] > 0).to(torch.long)
+
+
 def mark_for_distillation(data: TensorDict, ssopd: SSOPDConfig) -> None:
     """Ask the engine to call the loss as a logits processor on this update batch (only when lambda > 0).
 
@@ -217,11 +223,8 @@ class SSOPDActorLoss:
         is_target = weights > 0
         with torch.no_grad():
             # What this micro-batch holds per rank, student + teacher tokens (the teacher_in_token_budget check).
-            teacher_tokens = (data[TEACHER_IDS].offsets().diff().to(is_target.device) * is_target).sum()
-            student_tokens = data["input_ids"].offsets().diff().sum().to(is_target.device)
-            metrics["ssopd/micro_batch_tokens_max"] = Metric(
-                value=float(student_tokens + teacher_tokens), aggregation=AggregationType.MAX
-            )
+            tokens = data["input_ids"].offsets().diff().sum() + teacher_tokens(data).sum()
+            metrics["ssopd/micro_batch_tokens_max"] = Metric(value=float(tokens), aggregation=AggregationType.MAX)
             # Same normalisation and aggregation (SUM over micro-batches) as verl's actor/pg_loss metric.
             metrics["ssopd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
             metrics["ssopd/teacher_time_s"] = Metric(value=self._teacher_seconds, aggregation=AggregationType.SUM)

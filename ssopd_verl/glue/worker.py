@@ -16,7 +16,6 @@ reaches it as `actor_rollout_ref.ssopd`, an interpolation of the top-level block
 
 from __future__ import annotations
 
-import torch
 from omegaconf import OmegaConf
 
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
@@ -26,13 +25,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.plugin.platform import get_platform
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.actor_loss import (
-    ROW_WEIGHT,
-    TEACHER_IDS,
-    TOKEN_VIEW_PATH,
-    SSOPDActorLoss,
-    mark_for_distillation,
-)
+from ssopd_verl.glue.actor_loss import TOKEN_VIEW_PATH, SSOPDActorLoss, mark_for_distillation, teacher_tokens
 from ssopd_verl.glue.teacher_forward import student_token_budget
 from ssopd_verl.token_view import write_token_view
 
@@ -67,10 +60,8 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
         if self.ssopd.enabled and self.ssopd.teacher_in_token_budget and actor.get("use_dynamic_bsz", False):
             # verl keeps a max_token_len_per_gpu already in the batch (TrainingWorker.train_batch): a smaller one
             # so that each micro-batch's student + teacher tokens fit ppo_max_token_len_per_gpu.
-            weights = data[ROW_WEIGHT]
-            teacher = data[TEACHER_IDS].offsets().diff() * (weights > 0).to(torch.long)
             budget = student_token_budget(actor.ppo_max_token_len_per_gpu, data["input_ids"].offsets().diff().tolist(),
-                                          teacher.tolist(), sp=self.actor.engine.ulysses_sequence_parallel_size)  # fmt: skip
+                                          teacher_tokens(data).tolist(), sp=self.actor.engine.ulysses_sequence_parallel_size)  # fmt: skip
             tu.assign_non_tensor(data, max_token_len_per_gpu=budget)
         output = super().update_actor(data)
         records, self.loss_fn.view_records = self.loss_fn.view_records, []
