@@ -12,7 +12,8 @@ One function, `plan_distillation`, ties the pure pieces together for a whole bat
 It returns plain lists, one entry per row, and the `ssopd/` metrics of the pairing. Rows take no part in the
 groups when they are padding (verl copies a real row to balance data-parallel ranks) or when their reward is
 not a finite number (NaN/inf from a broken reward function: never a witness, never a target; counted in
-`ssopd/nonfinite_rewards`). A target whose teacher sequence cannot fit `max_teacher_length` even with an empty
+`ssopd/nonfinite_rewards`). A group left with fewer than two usable completions has no pair and is counted in
+`ssopd/groups_too_small`; the step goes on. A target whose teacher sequence cannot fit `max_teacher_length` even with an empty
 witness is skipped (weight 0) and counted in `ssopd/targets_skipped`: one over-long completion must not end
 the run after its rollout.
 
@@ -27,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.pairing import select_pairs
+from ssopd_verl.pairing import select_pairs, small_groups
 from ssopd_verl.teacher_context import (
     TeacherContextTooLong,
     build_teacher_context,
@@ -144,6 +145,7 @@ def plan_distillation(
         "ssopd/witness_truncations": float(truncations),
         "ssopd/targets_skipped": float(skipped),
         "ssopd/nonfinite_rewards": float(num_rows - sum(finite)),
+        "ssopd/groups_too_small": float(small_groups([uids[i] for i in real])),
         "ssopd/truncated_frac": float(truncated.mean()) if len(real) else 0.0,
     }
     return plan

@@ -63,15 +63,32 @@ d, and everything autograd saves): with V ~ 152k and N = 2048 that is ~1.2 GB pe
 :func:`chunked_clipped_forward_kl` takes the teacher's *final hidden states* and the lm_head weight and builds
 teacher logits ``chunk_size`` rows at a time. Because the loss is a sum over rows with a closed-form gradient,
 the gradient w.r.t. the student logits is computed in the same pass (as Liger's chunked distillation losses
-do) and written into one preallocated (M, V) tensor in the student's dtype; backward only multiplies each row
-by its upstream gradient, in place (so it runs once per forward call). No teacher logit is ever recomputed and
-autograd saves nothing of size (N, V). Besides that gradient, the pass holds a fixed set of (chunk_size, V)
-work buffers (about 2.25 float32 ones; 3.25 when the student is bf16 or only some of its rows are distilled).
+do) and written into one preallocated (N, V) tensor in the student's dtype, one row per *distilled* position
+(``student_rows`` picks them out of an (M, V) micro-batch: rows that are not distilled get no buffer); backward
+only multiplies each row by its upstream gradient, in place (so it runs once per forward call). No teacher logit
+is ever recomputed and autograd saves nothing of size (M, V). Besides that gradient, the pass holds a fixed set
+of (chunk_size, V) work buffers (about 2.25 float32 ones; 3.25 when the student is bf16).
+
+Where the gradient goes. Standalone, backward returns it as the gradient of ``student_logits`` (an (M, V)
+tensor then exists at backward time, zero outside the distilled rows). Inside a trainer whose own loss also
+reads the logits (verl's log-probabilities for the policy loss), that would be a second (M, V) buffer next to the
+policy loss's own logit gradient, summed afterwards. With ``gradient_sink`` (the tensor whose storage holds the
+student logits, e.g. the engine's logits before the hook's view) the distilled rows are instead added, in
+place, into the gradient that the sink receives from the other loss: a hook on the sink
+(``Tensor.register_hook``, autograd's public hook) runs after every consumer of the logits has contributed, and
+the loss's own backward contributes nothing of size (M, V). The extra memory of the distillation term is then
+the (N, V) buffer of the distilled rows only. If the sink receives no gradient from another loss (nothing else
+reads the logits), the end of the backward pass raises rather than drop the term silently.
 
 Teacher logits are projected exactly as the student's are (``hidden @ W.T + b`` in the inputs' own dtype, so
 bf16 stays bf16 for the matmul), *then* upcast to float32 (float64 if an input is) for the softmax/KL math;
 the temperature divides the upcast logits, never the hidden states. With the same hidden states on both sides
-the KL is then ~0 instead of the ~2e-3 that a float32 teacher against a bf16 student shows.
+the KL is then ~0 instead of the ~2e-3 that a float32 teacher against a bf16 student shows. When the student
+logits arrive already divided by the temperature (``student_prescaled``: verl's engine computes
+``logits / T.to(logits.dtype)`` in the logits' dtype, so with bf16 logits T = 0.7 becomes 0.69921875 and the
+quotient is rounded to bf16), the teacher logits are divided the same way, in the student's dtype by the
+temperature rounded to it, before the upcast: a teacher given the student's own context then gives KL 0 at any
+temperature, not a rounding bias on every token.
 """
 
 from __future__ import annotations
@@ -178,41 +195,88 @@ class ForwardKLTerms(NamedTuple):
     teacher_argmax: Optional[torch.Tensor] = None  # int64 argmax_v p_T (-1 on teacher_nonfinite rows)
 
 
+class _GradientSink:
+    """Adds the distilled rows' gradient into the gradient another loss gives ``tensor`` (see the module
+    docstring): a hook on ``tensor`` runs once every consumer of it has contributed, and adds ``rows`` of the
+    scaled (N, V) buffer in place. ``pending`` between the loss's backward and the hook; the end of the backward
+    pass checks it, so a term that never reached the logits fails loudly instead of vanishing."""
+
+    def __init__(self, tensor: torch.Tensor, rows: Optional[torch.Tensor], width: int):
+        self.rows, self.width, self.grad = rows, width, None
+        self.handle = tensor.register_hook(self._add)
+
+    def deliver(self, grad: torch.Tensor) -> None:
+        """Called from the loss's backward with the scaled (N, V) gradient."""
+        self.grad = grad
+        torch.autograd.Variable._execution_engine.queue_callback(self._check)
+
+    def _add(self, grad: torch.Tensor):
+        if self.grad is None:  # the loss was not part of this backward: nothing to add
+            return None
+        if grad is None:  # no other loss gave the logits a gradient (autograd cannot take one from a hook): _check
+            return None
+        # The gradient the other loss produced for the logits is a fresh buffer that only this node reads next
+        # (log_softmax / gather backward): add into it. An expanded or strided one is made dense first.
+        grad = grad.contiguous()
+        flat = grad.view(-1, self.width)
+        update = self.grad if self.grad.dtype == flat.dtype else self.grad.to(flat.dtype)
+        if self.rows is None:
+            flat.add_(update)
+        else:
+            flat.index_add_(0, self.rows, update)
+        self.grad = None
+        self.handle.remove()
+        return grad
+
+    def _check(self) -> None:
+        if self.grad is not None:
+            self.grad = None
+            raise RuntimeError(
+                "chunked_clipped_forward_kl: the distillation gradient was computed but gradient_sink received no "
+                "gradient in this backward pass, so it could not be added; pass no gradient_sink when nothing "
+                "else reads the student logits"
+            )
+
+
 class _PrecomputedGradient(torch.autograd.Function):
     """Attaches a gradient computed in the forward pass to the per-row loss.
 
-    backward scales row ``rows[i]`` of the stored (M, V) gradient by ``grad_loss[i]`` *in place* and hands
-    the buffer on (a leaf's ``.grad`` takes it without a copy), so it can run only once per forward.
+    backward scales row ``i`` of the stored (N, V) gradient by ``grad_loss[i]`` *in place* (so it can run only
+    once per forward), then either hands it to the gradient sink (and returns no gradient for the logits) or
+    returns it as the logits' gradient: the buffer itself when every row is distilled (a leaf's ``.grad`` takes it
+    without a copy), else an (M, V) tensor with the distilled rows filled in.
     """
 
     @staticmethod
-    def forward(ctx, student, loss, grad_student, rows, block_rows):
-        ctx.grad_student, ctx.rows, ctx.num_rows, ctx.block_rows = grad_student, rows, student.shape[0], block_rows
+    def forward(ctx, student, loss, grad_rows, rows, block_rows, sink):
+        ctx.grad_rows, ctx.rows, ctx.shape, ctx.block_rows, ctx.sink = grad_rows, rows, student.shape, block_rows, sink
         return loss.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        grad = ctx.grad_student
+        grad = ctx.grad_rows
         if grad is None:
             raise RuntimeError(
                 "chunked_clipped_forward_kl: its gradient was precomputed and is consumed by the first backward; "
                 "backward through the same call twice (retain_graph=True) is not supported"
             )
-        ctx.grad_student = None  # drop our reference: autograd may then adopt the buffer as `.grad`
-        scale = grad_loss
-        if ctx.rows is not None:  # rows that are not distilled are zero in `grad`; their scale does not matter
-            scale = grad_loss.new_zeros(ctx.num_rows).index_copy_(0, ctx.rows, grad_loss)
-        scale = scale.unsqueeze(-1)
+        ctx.grad_rows = None  # drop our reference: autograd may then adopt the buffer as `.grad`
+        scale = grad_loss.unsqueeze(-1)
         if scale.dtype == grad.dtype:
             grad.mul_(scale)
         else:
             # E.g. a bf16 gradient times a float32 scale (multiplied in float32, rounded to bf16). By row blocks:
-            # on CPU an in-place op of mixed dtypes works on float32 copies of its whole operand (two (M, V)
+            # on CPU an in-place op of mixed dtypes works on float32 copies of its whole operand (two (N, V)
             # float32 temporaries at once).
             for lo in range(0, grad.shape[0], ctx.block_rows):
                 grad[lo : lo + ctx.block_rows].mul_(scale[lo : lo + ctx.block_rows])
-        return grad, None, None, None, None
+        if ctx.sink is not None:
+            ctx.sink.deliver(grad)
+            return None, None, None, None, None, None
+        if ctx.rows is not None:
+            grad = grad.new_zeros(ctx.shape).index_copy_(0, ctx.rows, grad)
+        return grad, None, None, None, None, None
 
 
 class _Scratch:
@@ -368,13 +432,12 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
         out.update({name: torch.zeros(n, dtype=dtype, device=device) for name in _DIAGNOSTICS})
         out["teacher_argmax"] = torch.full((n,), -1, dtype=torch.int64, device=device)
 
-    # The gradient w.r.t. the student logits: the only (M, V) allocation. Rows that are not distilled stay 0.
-    grad = None
-    if need_grad:
-        grad = torch.empty_like(student) if rows is None else torch.zeros_like(student)
+    # The gradient w.r.t. the distilled student rows, (N, V) in the student's dtype: the only allocation that
+    # grows with N. Rows of the micro-batch that are not distilled have none.
+    grad = torch.empty((n, v), dtype=student.dtype, device=device) if need_grad else None
     # When the gradient is a float32/64 buffer of the compute dtype, each chunk's student log-probs are built
     # directly in its rows (they become the gradient there): one (chunk, V) buffer less.
-    in_grad = grad is not None and rows is None and grad.dtype == dtype
+    in_grad = grad is not None and grad.dtype == dtype
     scratch = _Scratch(min(chunk_size, n), v, device)
 
     for lo in range(0, n, chunk_size):
@@ -385,13 +448,20 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
         work = scratch.get("work", c, dtype)
 
         # Teacher: project like the student's lm_head (in `work`, reinterpreted, if that dtype is narrower), then
-        # upcast, then temperature.
+        # upcast, then temperature -- or, for a prescaled student, temperature in the student's dtype first, as the
+        # engine scaled the student (module docstring).
         logp_t = scratch.get("teacher", c, dtype)
         if proj_dtype == dtype:
-            _project(hidden[lo:hi], weight, bias, out=logp_t)
+            projected = _project(hidden[lo:hi], weight, bias, out=logp_t)
         else:
-            logp_t.copy_(_project(hidden[lo:hi], weight, bias, out=scratch.get_as("work", c, dtype, proj_dtype)))
-        if scaled:
+            projected = _project(hidden[lo:hi], weight, bias, out=scratch.get_as("work", c, dtype, proj_dtype))
+        if scaled and prescaled and student.dtype != dtype:
+            if projected.dtype != student.dtype:
+                projected = projected.to(student.dtype)
+            projected.div_(torch.as_tensor(t, dtype=student.dtype, device=device))
+        if projected is not logp_t:
+            logp_t.copy_(projected)
+        if scaled and not (prescaled and student.dtype != dtype):
             logp_t.div_(t)
         lse_t = _logsumexp(logp_t, work)
         # NaN or +inf logits make lse NaN/+inf; a row of -inf only makes it NaN too. Either way the row has no
@@ -401,7 +471,11 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
 
         # Student rows of this chunk, as float log-probabilities at the same temperature.
         if in_grad:
-            logp_s = grad[lo:hi].copy_(student[lo:hi])
+            logp_s = grad[lo:hi]
+            if rows is None:
+                logp_s.copy_(student[lo:hi])
+            else:
+                torch.index_select(student, 0, rows[lo:hi], out=logp_s)
         else:
             logp_s = scratch.get("student", c, dtype)
             if rows is None:
@@ -439,9 +513,7 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
             g.masked_fill_(bad.unsqueeze(-1), 0.0)
             if not prescaled and scaled:
                 g.div_(t)  # dl/ds = dl/dz / T
-            if rows is not None:
-                grad.index_copy_(0, rows[lo:hi], g.to(grad.dtype))
-            elif not in_grad:
+            if not in_grad:
                 grad[lo:hi].copy_(g)  # one rounding to the student's dtype
     return out, grad
 
@@ -460,6 +532,7 @@ def chunked_clipped_forward_kl(
     student_rows: Optional[torch.Tensor] = None,
     sampled_ids: Optional[torch.Tensor] = None,
     topk: Optional[int] = None,
+    gradient_sink: Optional[torch.Tensor] = None,
 ) -> ForwardKLTerms:
     """Memory-bounded, one-pass clipped forward KL against teacher logits ``teacher_hidden @ W.T (+ b)``.
 
@@ -474,12 +547,13 @@ def chunked_clipped_forward_kl(
         temperature: a float, or an (N,) tensor with one temperature per teacher row. It divides the teacher
             logits (after projection and upcast) and, unless ``student_prescaled``, the student row it is
             compared with.
-        student_prescaled: the student logits are already divided by the temperature (verl's engine hands
-            them so); the teacher logits are always divided here.
+        student_prescaled: the student logits are already divided by the temperature as verl's engine does it,
+            ``logits / T.to(logits.dtype)`` in the logits' dtype; the teacher logits are then divided the same way
+            (module docstring), so that equal hidden states give equal scaled logits.
         lm_head_bias: optional (V,) bias.
-        chunk_size: teacher rows per chunk. Memory besides the (M, V) gradient: about 2.25 float32
-            (chunk_size, V) tensors (3.25 with a bf16 student or ``student_rows``), whatever N is; the time
-            hardly depends on it from 64 up. Default 128 (docs/performance.md has the measurements).
+        chunk_size: teacher rows per chunk. Memory besides the (N, V) gradient of the distilled rows: about
+            2.25 float32 (chunk_size, V) tensors (3.25 with a bf16 student), whatever N is; the time hardly
+            depends on it from 64 up. Default 128 (docs/performance.md has the measurements).
         student_rows: optional (N,) distinct indices into the rows of ``student_logits`` (then (M, V), any M):
             teacher row i is compared with student row ``student_rows[i]``. Equals passing
             ``student_logits[student_rows]`` without materialising that copy (or its gradient): verl hands the
@@ -488,9 +562,13 @@ def chunked_clipped_forward_kl(
             ``teacher_logp_sampled``, ``student_logp_sampled`` and ``teacher_argmax_differs`` (same pass).
         topk: None (exact, default) or k in [1, V]: the top-k + tail-bucket approximation of the module
             docstring (its unclipped KL is a lower bound of the exact one; see there for when it is accurate).
+        gradient_sink: optional tensor whose storage is exactly ``student_logits``' (same first element, same
+            number of elements, both contiguous; e.g. the (1, M, V) or (M, V) tensor ``student_logits`` is a view
+            of) and whose gradient another loss also produces: the distilled rows' gradient is added into that
+            gradient in place instead of being returned as a second (M, V) tensor (module docstring).
 
     The gradient w.r.t. ``student_logits`` is computed in this forward call (only when it requires grad and
-    grad mode is on) into one (M, V) tensor of its dtype, and ``loss.backward`` only scales it row by row, in
+    grad mode is on) into one (N, V) tensor of its dtype, and ``loss.backward`` only scales it row by row, in
     place: backward can run once per call. No gradient ever reaches the teacher inputs.
 
     A teacher row whose logits hold a NaN or +inf (or only -inf) is skipped: loss, kl and clipped mass 0, zero
@@ -549,6 +627,13 @@ def chunked_clipped_forward_kl(
         raise ValueError(f"topk must be None or an int in [1, {v}], got {topk!r}")
 
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if gradient_sink is not None and not (
+        gradient_sink.numel() == student_logits.numel()
+        and gradient_sink.data_ptr() == student_logits.data_ptr()
+        and gradient_sink.is_contiguous()
+        and student_logits.is_contiguous()
+    ):
+        raise ValueError("gradient_sink must hold exactly student_logits' storage (a contiguous tensor it views)")
     with torch.no_grad():
         out, grad = _forward_pass(
             student_logits.detach(), teacher_hidden.detach(), lm_head_weight.detach(),
@@ -557,5 +642,6 @@ def chunked_clipped_forward_kl(
         )
     loss = out.pop("loss")
     if need_grad:
-        loss = _PrecomputedGradient.apply(student_logits, loss, grad, student_rows, chunk_size)
+        sink = None if gradient_sink is None else _GradientSink(gradient_sink, student_rows, v)
+        loss = _PrecomputedGradient.apply(student_logits, loss, grad, student_rows, chunk_size, sink)
     return ForwardKLTerms(loss=loss, **out)

@@ -125,6 +125,11 @@ def group_accuracy(uids, correct, truncated=None) -> dict:
     return _accuracy(_group_members(uids), _effective_correct(uids, correct, truncated))
 
 
+def small_groups(uids) -> int:
+    """Groups with fewer than two completions: they can hold no (witness, target) pair."""
+    return sum(len(idx) < 2 for idx in _group_members(list(uids)).values())
+
+
 def group_stats(uids, correct, truncated=None) -> GroupStats:
     acc = group_accuracy(uids, correct, truncated)
     return GroupStats(len(acc), sum(0.0 < p < 1.0 for p in acc.values()), acc)
@@ -149,6 +154,9 @@ def select_pairs(
     the candidates of the random variants before the draw.
     ``rng`` (a ``numpy.random.Generator``) is required by the random variants; they draw, per frontier group
     in order, first the witness and then the target, so a seeded generator gives a reproducible pairing.
+
+    A group with a single completion (e.g. its other rows had NaN rewards and were left out by the caller) has
+    p = 0 or 1: it is never on the frontier and gets no pair (:func:`small_groups` counts such groups).
     """
     if witness_source not in WITNESS_SOURCES:
         raise ValueError(f"unknown witness_source {witness_source!r}; expected one of {WITNESS_SOURCES}")
@@ -174,12 +182,6 @@ def select_pairs(
         raise ValueError(f"len(tie_keys)={len(tie_keys)} != len(uids)={len(uids)}")
 
     members = _group_members(uids)
-    for uid, idx in members.items():
-        if len(idx) < 2:
-            raise ValueError(
-                f"group {uid!r} has a single completion; GRPO/SSOPD need n >= 2 samples per prompt "
-                "(actor_rollout_ref.rollout.n)"
-            )
     accuracy = _accuracy(members, ok)
 
     pairs: list[Pair] = []

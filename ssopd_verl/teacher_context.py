@@ -86,8 +86,14 @@ class TeacherContextTooLong(ValueError):
 
 def control_token_ids(tokenizer) -> set[int]:
     """Ids that only the chat template may emit: the tokenizer's special tokens (``<|im_start|>``, ``<|im_end|>``,
-    ``<|endoftext|>``, ...). Plain added tokens such as Qwen3's ``<think>`` are text the model writes itself."""
-    return {int(i) for i in tokenizer.all_special_ids}
+    ``<|endoftext|>``, ...). Plain added tokens such as Qwen3's ``<think>`` are text the model writes itself.
+
+    ``all_special_ids`` alone is not enough: it lists the tokens named in the tokenizer's special-token map (for
+    Qwen3: eos and pad only), while ``<|im_start|>`` and the other chat/vision markers are *added* tokens marked
+    ``special`` (``added_tokens_decoder``). Both sets count."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    marked = {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    return {int(i) for i in tokenizer.all_special_ids} | marked
 
 
 def encode_untrusted_text(tokenizer, text: str) -> list[int]:

@@ -128,6 +128,19 @@ def test_nonfinite_rewards_are_never_witness_or_target(batch):
     assert "a longer correct one" in text and "short \\boxed{1}" not in text
 
 
+def test_group_left_with_one_usable_completion_is_skipped_and_counted(batch):
+    """Scores [1, nan, nan, nan] for group a: one finite completion is left, which cannot pair. The step goes on
+    (before: select_pairs raised and the step died) and the group is counted."""
+    scores = list(batch["scores"])
+    scores[0], scores[2], scores[3] = float("nan"), float("nan"), float("nan")
+    plan = plan_distillation(
+        **{**batch, "scores": scores}, cfg=SSOPDConfig(), max_response_length=1000, max_teacher_length=None
+    )
+    assert plan.metrics["ssopd/groups_too_small"] == 1 and plan.metrics["ssopd/nonfinite_rewards"] == 3
+    assert plan.weight[:4] == [0.0] * 4
+    assert plan.weight[10] > 0 or plan.weight[11] > 0  # group c still pairs
+
+
 def test_target_that_cannot_fit_is_skipped_and_counted(batch):
     from ssopd_verl.teacher_context import build_teacher_context
 

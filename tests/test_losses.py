@@ -568,11 +568,14 @@ class _OpSizes(TorchDispatchMode):
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_rows", [False, True])
 def test_chunked_memory_is_bounded(student_dtype, with_rows):
+    """Forward holds one gradient buffer for the *distilled* rows only: (N, V), never (M, V) when N < M."""
     n, v, h, chunk = 64, 50, 16, 8
+    m = 3 * n if with_rows else n  # a micro-batch of M positions, N of them distilled
     bound = chunk * v  # only chunk-sized tensors (the float32 lm_head weight needs no cast)
     assert n * v > 3 * bound
-    student, hidden, weight, b = (x.float() if x is not None else None for x in make_chunked_inputs(9, n, v, h))
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if with_rows else None
+    student, hidden, weight, b = (x.float() if x is not None else None for x in make_chunked_inputs(9, m, v, h))
+    hidden = hidden[:n]
+    rows = torch.randperm(m, generator=torch.Generator().manual_seed(0))[:n] if with_rows else None
     for clip, topk in itertools.product(CLIP_MODES, (None, 5)):
         s = student.to(student_dtype, copy=True).requires_grad_(True)
         saved = []
@@ -586,18 +589,23 @@ def test_chunked_memory_is_bounded(student_dtype, with_rows):
                                                topk=topk)
         # Autograd saves nothing of size N * V.
         assert all(x.numel() < n * v for x in saved)
-        # Forward: exactly one (N, V) tensor (the gradient), everything else chunk-sized.
+        # Forward: exactly one (N, V) tensor (the distilled rows' gradient), everything else chunk-sized.
         big = [x for x in fwd.sizes if x > bound]
         assert big == [n * v], big
-        buffer = terms.loss.grad_fn.grad_student
+        buffer = terms.loss.grad_fn.grad_rows
         assert buffer.dtype == student_dtype and buffer.shape == (n, v)
         buffer_ptr = buffer.data_ptr()
         del buffer  # a reference held here would keep autograd from adopting the buffer
         with _OpSizes() as bwd:
             terms.loss.sum().backward()
-        # Backward allocates nothing big: it scales the buffer in place, and the leaf adopts it as .grad.
-        assert max(bwd.sizes, default=0) <= n, bwd.sizes
-        assert s.grad.data_ptr() == buffer_ptr
+        if with_rows:
+            # Standalone, the logits' gradient is an (M, V) tensor, zero outside the distilled rows (with a
+            # gradient_sink nothing of that size is allocated: test_gradient_sink_adds_into_the_policy_gradient).
+            assert [x for x in bwd.sizes if x > n] == [m * v], bwd.sizes
+        else:
+            # Backward allocates nothing big: it scales the buffer in place, and the leaf adopts it as .grad.
+            assert max(bwd.sizes, default=0) <= n, bwd.sizes
+            assert s.grad.data_ptr() == buffer_ptr
 
     # No gradient wanted: no (N, V) tensor at all.
     with torch.no_grad(), _OpSizes() as nograd:
@@ -606,10 +614,82 @@ def test_chunked_memory_is_bounded(student_dtype, with_rows):
 
     # The probe is real: the plain reference does allocate (N, V) tensors in forward.
     with _OpSizes() as plain:
-        clipped_forward_kl(s, hidden @ weight.T)
+        clipped_forward_kl(s[:n], hidden @ weight.T)
     assert max(plain.sizes) >= n * v
 
 
+def _policy_like_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A stand-in for verl's policy loss on the same logits: log-probabilities of the labels (log_softmax +
+    gather, as verl's logprobs_from_logits on CPU), weighted."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    return (logp * torch.linspace(-1.0, 1.0, len(labels), dtype=logp.dtype)).sum()
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_gradient_sink_adds_into_the_policy_gradient(squeeze):
+    """With gradient_sink, the distilled rows' gradient is added in place into the gradient the policy loss gives
+    the same logits: the total equals the float64 reference (policy + distillation, through one autograd graph),
+    and backward allocates nothing of size (M, V) beyond what the policy loss alone allocates."""
+    n, v, h, m = 6, 40, 8, 20
+    student, hidden, weight, _ = make_chunked_inputs(21, m, v, h)
+    hidden = hidden[:n]
+    rows = torch.tensor([3, 17, 0, 9, 12, 5])
+    labels = torch.randint(0, v, (m,), generator=torch.Generator().manual_seed(2))
+    up = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    x_ref = student.clone().requires_grad_(True)
+    reference = _policy_like_loss(x_ref * 1.5, labels) + (ref_loss((x_ref * 1.5)[rows], hidden @ weight.T, TAU,
+                                                                   "pointwise", 0.8) * up).sum()  # fmt: skip
+    reference.backward()
+
+    def run(with_distill: bool):
+        x = student.clone().requires_grad_(True)
+        base = x * 1.5  # a non-leaf, like the lm_head's logits
+        if squeeze:  # verl hands the hook (1, M, V) views of its logits
+            base = base.unsqueeze(0)
+        logits = base.view(m, v)
+        total = _policy_like_loss(logits, labels)
+        if with_distill:
+            terms = chunked_clipped_forward_kl(logits, hidden, weight, tau=TAU, temperature=0.8, chunk_size=4,
+                                               student_rows=rows, gradient_sink=base)
+            total = total + (terms.loss * up).sum()
+        with _OpSizes() as bwd:
+            total.backward()
+        return x.grad, sorted(size for size in bwd.sizes if size >= m * v)
+
+    grad, big = run(True)
+    torch.testing.assert_close(grad, x_ref.grad, **FP64)
+    _, big_policy_alone = run(False)
+    assert big == big_policy_alone  # no extra (M, V) gradient buffer
+
+
+def test_gradient_sink_without_another_gradient_fails_loudly():
+    """If nothing else reads the logits the sink receives no gradient, and autograd lets no hook create one: the
+    distillation term would vanish, so the end of the backward pass raises."""
+    student, hidden, weight, _ = make_chunked_inputs(22, 8, 20, 4)
+    x = student.clone().requires_grad_(True)
+    base = x * 1.0
+    terms = chunked_clipped_forward_kl(base, hidden[:4], weight, student_rows=torch.tensor([0, 2, 4, 6]),
+                                       gradient_sink=base)
+    with pytest.raises(RuntimeError, match="gradient_sink received no gradient"):
+        terms.loss.sum().backward()
+    with pytest.raises(ValueError, match="gradient_sink"):
+        chunked_clipped_forward_kl(base, hidden, weight, gradient_sink=base[1:])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.6])
+def test_prescaled_bf16_student_against_its_own_states_gives_zero_kl(temperature):
+    """verl divides bf16 logits by the temperature rounded to bf16 (bf16(0.7) = 0.69921875), in bf16. A teacher
+    with the student's own hidden states must then give KL 0 at T != 1, not a rounding bias on every token."""
+    n, v, h = 24, 3000, 32
+    g = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(n, h, generator=g) * 3).bfloat16()
+    weight = torch.randn(v, h, generator=g).bfloat16()
+    per_row = torch.full((n,), temperature)  # verl's per-token temperatures are float32
+    student = torch.nn.functional.linear(hidden, weight) / per_row[:, None].to(torch.bfloat16)  # the engine's op
+    assert torch.tensor(temperature).bfloat16().item() != temperature
+    terms = chunked_clipped_forward_kl(student, hidden, weight, clip="none", temperature=per_row,
+                                       student_prescaled=True)
+    assert terms.kl.abs().max().item() == 0.0
 # ---------------------------------------------------------------- validation
 
 

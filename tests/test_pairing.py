@@ -11,6 +11,7 @@ from ssopd_verl.pairing import (
     group_accuracy,
     group_stats,
     select_pairs,
+    small_groups,
 )
 
 
@@ -201,9 +202,11 @@ def test_all_wrong_shares_sum_to_one():
 # ---------------------------------------------------------------- errors
 
 
-def test_single_completion_group_rejected():
-    with pytest.raises(ValueError, match="n >= 2"):
-        select_pairs(["a", "a", "b"], [True, False, True], [1, 2, 3])
+def test_single_completion_group_is_skipped_and_counted():
+    # group b kept one usable completion (its others had NaN rewards): no pair, no error; group a still pairs
+    pairs = select_pairs(["a", "a", "b"], [True, False, True], [1, 2, 3])
+    assert [(p.uid, p.witness, p.target) for p in pairs] == [("a", 0, 1)]
+    assert small_groups(["a", "a", "b"]) == 1 and small_groups(["a", "a"]) == 0
 
 
 @pytest.mark.parametrize(

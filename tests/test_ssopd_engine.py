@@ -173,7 +173,11 @@ def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_mo
     assert set(out) == {OUT_LOSS, OUT_NONFINITE, OUT_ARGMAX, *DIAGNOSTICS}
     assert all(v.shape == (1, packed.shape[0]) for v in out.values())
     upstream = torch.rand(packed.shape[0])
-    (out["ssopd_loss"][0] * upstream).sum().backward()
+    # As in verl's engine, the policy loss reads the same logits (log-probabilities of the sampled tokens): the
+    # distillation gradient is added into its gradient (gradient_sink), so the total is what both give.
+    labels = torch.randint(0, packed.shape[1], (packed.shape[0],), generator=torch.Generator().manual_seed(0))
+    policy = lambda logits: torch.log_softmax(logits, -1).gather(-1, labels[:, None]).sum()  # noqa: E731
+    ((out["ssopd_loss"][0] * upstream).sum() + policy(student)).backward()
     assert all(p.grad is None or not p.grad.any() for p in engine.module.parameters()), "teacher got a gradient"
 
     # reference: same student logits (a fresh leaf), teacher logits from a plain forward
@@ -189,7 +193,7 @@ def test_logits_hook_equals_reference_and_teacher_gets_no_gradient(engine, hf_mo
         ))
         # the teacher's argmax, for the token view (fp32 logits from two code paths: allow a near-tie to differ)
         assert (out[OUT_ARGMAX][0][pos].long() == teacher.argmax(-1)).float().mean() > 0.95
-    (ref * upstream).sum().backward()
+    ((ref * upstream).sum() + policy(ref_student)).backward()
     torch.testing.assert_close(out["ssopd_loss"][0].detach(), ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student.grad, ref_student.grad, atol=1e-6, rtol=1e-5)
     assert ref.abs().sum() > 0
@@ -262,10 +266,14 @@ def test_one_actor_update_with_pairs(engine, groups, tokenizer):
         output = engine.train_batch(td, loss_function=actor_loss(cfg, engine))
     after = dict(engine.get_per_tensor_param()[0])
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    from ssopd_verl.glue.actor_loss import finalize_metrics
+
+    # the trainer's view: per-position means from the summed values and counts (finalize_metrics)
+    metrics = finalize_metrics({key: _metric_sum(output, key) for key in output["metrics"] if key.startswith("ssopd/")})
     for key in ("ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/teacher_logp_sampled"):
-        value = _metric_sum(output, key)
+        value = metrics[key]
         assert value == value and abs(value) < float("inf"), key
-    assert _metric_sum(output, "ssopd/distill_loss") > 0
+    assert metrics["ssopd/distill_loss"] > 0 and 0 <= metrics["ssopd/teacher_argmax_differs"] <= 1
 
 
 # ---------------------------------------------------------------- LoRA actor: live and initial teacher
@@ -394,3 +402,37 @@ def test_dynamic_batches_count_teacher_tokens_and_keep_the_loss(engine, groups, 
     assert results["student_only"][1] > budget >= results["with_teacher"][1]
     assert results["with_teacher"][0] == pytest.approx(results["whole"][0], rel=1e-5)
     assert results["student_only"][0] == pytest.approx(results["whole"][0], rel=1e-5)
+
+
+def test_positions_with_a_nonfinite_teacher_are_left_out_of_the_target_mean():
+    """L_g is the mean over the distilled positions that have a teacher distribution: a position whose teacher
+    logits were NaN/inf reads 0 and is flagged, and must not count in the denominator (before: it diluted L_g).
+    The loss pass alone, on per-position outputs as the logits hook returns them, with verl's real ppo_loss."""
+    from verl.workers.utils.losses import ppo_loss
+
+    from ssopd_verl.cpu.engine import build_actor_config, make_train_tensordict
+    from ssopd_verl.glue.actor_loss import (COUNT, DIAGNOSTICS, OUT_ARGMAX, OUT_LOSS, OUT_NONFINITE, ROW_WEIGHT,
+                                            TEACHER_IDS, TEACHER_PROMPT_LEN, SSOPDActorLoss, finalize_metrics)  # fmt: skip
+
+    prompts, responses = [[1, 2, 3], [1, 2]], [[5, 6, 7, 8], [9, 9]]
+    td = make_train_tensordict(prompts, responses, global_batch_size=4, dp_size=1, batch_num_tokens=6, fields={
+        "advantages": [torch.zeros(4), torch.zeros(2)], "old_log_probs": [torch.zeros(4), torch.zeros(2)],
+        TEACHER_IDS: [torch.arange(10), torch.tensor([0])], TEACHER_PROMPT_LEN: torch.tensor([6, 0]),
+        ROW_WEIGHT: torch.tensor([0.5, 0.0]),
+    })  # fmt: skip
+    # row 0: prompt 3 + response 4; its response is predicted from positions 2..5; position 4 has no teacher
+    loss = torch.tensor([0, 0, 0.2, 0.4, 0.0, 0.6, 0] + [0] * 4)
+    nonfinite = torch.tensor([0, 0, 0, 0, 1.0, 0, 0] + [0] * 4)
+    kl = torch.tensor([0, 0, 0.3, 0.5, 0.0, 0.7, 0] + [0] * 4)
+    offsets = td["input_ids"].offsets()
+    nested = lambda flat: torch.nested.nested_tensor_from_jagged(flat, offsets)  # noqa: E731
+    zeros = torch.zeros(11)
+    model_output = {"log_probs": nested(zeros), OUT_LOSS: nested(loss), OUT_NONFINITE: nested(nonfinite),
+                    OUT_ARGMAX: nested(zeros), **{key: nested(kl if key == "ssopd_kl" else zeros) for key in DIAGNOSTICS}}  # fmt: skip
+    loss_fn = SSOPDActorLoss(functools.partial(ppo_loss, config=build_actor_config()), SSOPDConfig(), rollout_n=2)
+    total, metrics = loss_fn(model_output=model_output, data=td)
+    # G = 4 / 2 = 2 prompts; L = mean(0.2, 0.4, 0.6) = 0.4 over the 3 finite positions (not 1.2 / 4 = 0.3)
+    assert float(metrics["ssopd/distill_loss"].aggregate()) == pytest.approx(0.5 * 0.4 / 2)
+    final = finalize_metrics({key: float(m.aggregate()) for key, m in metrics.items() if key.startswith("ssopd/")})
+    assert final["ssopd/kl_unclipped"] == pytest.approx(0.5) and final["ssopd/teacher_nonfinite"] == 1
+    assert COUNT not in final

@@ -33,7 +33,9 @@ SCORES = [0, 1, 0, 0, 1, 1, 0, 0]
 RANK_ROWS = [[2, 7, 0, 1], [3, 4, 5, 6]]  # rows 2 and 7 are the targets (longest wrong of each group)
 
 # argv: model path, rows (JSON), teacher token budget, Ulysses SP size, mode ("infer": the loss only; "grad": one
-# forward-backward, rank 0 saves every parameter's full gradient to the path in argv[6]).
+# forward-backward, rank 0 saves every parameter's full gradient to the path in argv[6]; "metrics": one
+# forward-backward, then verl's own metric path: all-gather over the data-parallel group, Metric.aggregate_dp,
+# then the trainer's finalize_metrics).
 RANK_SCRIPT = textwrap.dedent(
     """
     import functools, json, sys
@@ -51,7 +53,7 @@ RANK_SCRIPT = textwrap.dedent(
         global_batch_size=8, compute_loss=True,
         fields={
             # advantages 0: the policy loss has no gradient, so the gradient is the distillation term's alone
-            "advantages": [torch.zeros(len(r["response"])) for r in rows],
+            "advantages": [torch.full((len(r["response"]),), float(r.get("advantage", 0.0))) for r in rows],
             "old_log_probs": [torch.zeros(len(r["response"])) for r in rows],
             TEACHER_IDS: [torch.tensor(r["teacher_ids"] or [0]) for r in rows],
             TEACHER_PROMPT_LEN: torch.tensor([r["teacher_prompt_len"] for r in rows]),
@@ -61,10 +63,22 @@ RANK_SCRIPT = textwrap.dedent(
     cfg = SSOPDConfig()
     mark_for_distillation(td, cfg)
     loss = SSOPDActorLoss(functools.partial(ppo_loss, config=build_actor_config()), cfg, rollout_n=4, engine=engine,
-                          teacher_max_tokens=budget)
+                          teacher_max_tokens=budget or None)
     if mode == "infer":
         with engine.eval_mode():
             out = engine.infer_batch(td, loss_function=loss)
+    elif mode == "metrics":
+        from verl.utils.metric import Metric
+        from verl.utils.torch_functional import allgather_dict_into_dict
+        from ssopd_verl.glue.actor_loss import finalize_metrics
+        with engine.train_mode():
+            out = engine.forward_backward_batch(td, loss_function=loss, forward_only=False)
+        gathered = allgather_dict_into_dict(out["metrics"], group=engine.get_data_parallel_group())
+        final = finalize_metrics({k: float(Metric.aggregate_dp(v)) for k, v in gathered.items()
+                                  if k.startswith("ssopd/") or k == "actor/pg_loss"})
+        final.pop("ssopd/teacher_time_s")
+        print("RESULT", json.dumps(final))
+        sys.exit(0)
     else:
         with engine.train_mode():
             engine.optimizer_zero_grad()
@@ -173,3 +187,72 @@ def test_ulysses_sequence_parallel_equals_single_rank(model_path, planned, tmp_p
     assert largest > 0
     for name, expected in single_grads.items():
         torch.testing.assert_close(ulysses_grads[name], expected, rtol=1e-5, atol=1e-5 * largest, msg=name)
+
+
+# argv: the rank's student row lengths, its teacher lengths (JSON), the budget. verl's real dynamic batching.
+BUDGET_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from tensordict import TensorDict
+    from ssopd_verl.cpu.platform import init_gloo_process_group
+    from ssopd_verl.glue.teacher_forward import student_token_budget
+    from verl.utils.seqlen_balancing import rearrange_micro_batches
+
+    student, teacher, budget = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    init_gloo_process_group()
+    limit = student_token_budget(budget, student, teacher)
+    ids = torch.nested.as_nested_tensor([torch.zeros(n, dtype=torch.long) for n in student], layout=torch.jagged)
+    batch = TensorDict({"input_ids": ids, "teacher": torch.tensor(teacher)}, batch_size=[len(student)])
+    micro, _ = rearrange_micro_batches(batch, max_token_len=limit, dp_group=torch.distributed.group.WORLD)
+    tokens = [int(mb["input_ids"].offsets().diff().sum() + mb["teacher"].sum()) for mb in micro]
+    print("RESULT", json.dumps({"limit": limit, "micro_batch_tokens": tokens}))
+    """
+)
+
+
+def test_ranks_agree_on_the_student_token_budget():
+    """The 8B launch script's budget (17,408 tokens per GPU). Rank 0 holds rows of 5,300 / 16,900 / 800 tokens, the
+    first a target with a 9,496-token teacher sequence; rank 1's longest row is 17,300. A budget derived from rank
+    0's rows alone, max(17408 // 2.79, 16900) = 16,900, is below rank 1's longest row: verl's
+    rearrange_micro_batches (which checks every rank's rows against the longest row of all ranks) raised "A forced
+    group exceeds max_token_len" on rank 0 while rank 1 waited in the next collective. Agreed over the ranks, the
+    budget is 17,300 on both, and every micro-batch's student + teacher tokens stay within the 17,408 budget."""
+    ranks = [([5300, 16900, 800], [9496, 0, 0]), ([17300, 1200, 900], [0, 0, 0])]
+    results = run_ranks(BUDGET_SCRIPT, [[json.dumps(s), json.dumps(t), "17408"] for s, t in ranks], timeout=120)
+    assert [r["limit"] for r in results] == [17300, 17300]
+    assert len(results[0]["micro_batch_tokens"]) == len(results[1]["micro_batch_tokens"])  # verl's same count
+    assert all(tokens <= 17408 for rank in results for tokens in rank["micro_batch_tokens"])
+
+
+def test_metrics_mean_the_same_on_one_rank_two_data_parallel_ranks_and_sequence_parallel(model_path, planned):
+    """Every ssopd/* metric (and verl's actor/pg_loss) of one batch, through verl's own metric path (all-gather over
+    the data-parallel group, Metric.aggregate_dp): one rank with 4 micro-batches, two data-parallel ranks with 2
+    each (the targets on rank 0 only, in one micro-batch), and Ulysses SP 2. Before: DP 2 crashed in
+    aggregate_dp ("All Metric instances must have the same number of values") whenever the ranks' micro-batches held
+    targets unevenly, and the per-position means depended on the layout. Tolerance: fp32 sums in another order."""
+    rows, _, _ = planned
+    for i, row in enumerate(rows):
+        row["advantage"] = (-1.0) ** i * 0.5  # a policy loss with a gradient, so pg_loss is not 0
+    layouts = {
+        "one rank": [[rows]],
+        "data parallel 2": [[[rows[i] for i in indices]] for indices in RANK_ROWS],
+        "sequence parallel 2": [[rows]] * 2,
+    }
+    results = {}
+    for name, per_rank in layouts.items():
+        sp = "2" if name == "sequence parallel 2" else "1"
+        ranks = run_ranks(RANK_SCRIPT, [[model_path, json.dumps(r[0]), "0", sp, "metrics"] for r in per_rank])
+        if sp == "2":  # both ranks of the SP group hold the whole (gathered) micro-batch outputs
+            assert ranks[0] == pytest.approx(ranks[1], rel=1e-6), ranks
+        results[name] = ranks[0]
+    one = results["one rank"]
+    assert one["ssopd/distill_loss"] > 0 and one["ssopd/kl_unclipped"] > 0 and one["actor/pg_loss"] != 0
+    for share in ("ssopd/teacher_argmax_differs", "ssopd/clipped_teacher_mass"):
+        assert 0 <= one[share] <= 1
+    for name, got in results.items():
+        assert got.keys() == one.keys(), name
+        for key, value in one.items():
+            if key == "ssopd/micro_batch_tokens_max":  # what one micro-batch holds: depends on the layout by design
+                continue
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)

@@ -92,6 +92,61 @@ def test_initial_teacher_needs_a_lora_actor(good):
     )
 
 
+def test_initial_teacher_with_a_loaded_adapter_is_refused(good):
+    """With lora_adapter_path the step-0 policy is base + that adapter; disabling adapters would give the bare base
+    model instead, so the combination is refused (docs: merge the adapter into the base model first)."""
+    message = refused(good, "ssopd.teacher=initial", "actor_rollout_ref.model.lora_rank=8",
+                      "actor_rollout_ref.model.lora_adapter_path=/ckpt/adapter")  # fmt: skip
+    assert "lora_adapter_path=/ckpt/adapter" in message and "bare base model" in message
+    assert "ssopd.teacher=live" in message
+    check_config(config_with(good, "ssopd.teacher=live", "actor_rollout_ref.model.lora_rank=8",
+                             "actor_rollout_ref.model.lora_adapter_path=/ckpt/adapter"))  # fmt: skip
+
+
+def test_activation_offload_is_refused(good):
+    message = refused(good, "actor_rollout_ref.model.enable_activation_offload=true")
+    assert "actor_rollout_ref.model.enable_activation_offload=false" in message
+    check_config(config_with(good, "actor_rollout_ref.model.enable_activation_offload=true", "ssopd.lambda=0"))
+
+
+def test_loss_aggregation_that_depends_on_the_micro_batch_split_is_refused(good):
+    message = refused(good, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm")
+    assert "loss_agg_mode=seq-mean-token-sum-norm" in message and "actor_rollout_ref.actor.loss_scale_factor" in message
+    check_config(config_with(good, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
+                             "actor_rollout_ref.actor.loss_scale_factor=1024"))  # fmt: skip
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"):
+        check_config(config_with(good, f"actor_rollout_ref.actor.loss_agg_mode={mode}"))
+
+
+def test_greedy_training_rollout_gets_a_warning_naming_the_key(good):
+    from ssopd_verl.glue.checks import startup_warnings
+
+    assert startup_warnings(good) == []
+    (note,) = startup_warnings(config_with(good, "actor_rollout_ref.rollout.temperature=0"))
+    assert note.startswith("actor_rollout_ref.rollout.temperature=0:") and "no group is mixed" in note
+
+
+def test_cpu_rollout_refuses_a_lora_actor_without_merged_weights(good):
+    from ssopd_verl.cpu.checks import check_cpu_config
+
+    lora = ["actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.model.lora_rank=8"]
+    with pytest.raises(ValueError, match="actor_rollout_ref.model.lora.merge=True"):
+        check_cpu_config(config_with(good, *lora))
+    check_cpu_config(config_with(good, *lora, "actor_rollout_ref.model.lora.merge=True"))
+    check_cpu_config(config_with(good, "actor_rollout_ref.rollout.name=hf"))  # full fine-tuning
+
+
+def test_platform_overlay_installs_its_check_next_to_the_recipe_check():
+    """Both Hydra callbacks run before verl's main(): the recipe's (SSOPD) and the CPU platform's (its rollout)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=["+recipe=ssopd", "+platform=cpu"], return_hydra_config=True)
+    targets = {name: cb._target_ for name, cb in cfg.hydra.callbacks.items()}
+    assert targets == {"ssopd_startup_check": "ssopd_verl.glue.checks.StartupCheck",
+                       "ssopd_cpu_startup_check": "ssopd_verl.cpu.checks.CPUStartupCheck"}  # fmt: skip
+
+
 # ---- teacher length -------------------------------------------------------------------------------------------
 def test_teacher_shorter_than_the_student_sequence_is_refused(good):
     message = refused(good, "data.max_prompt_length=512", "data.max_response_length=1024", "ssopd.max_teacher_length=1500")

@@ -24,10 +24,23 @@ Under Ulysses sequence parallelism the hook sees this rank's slice of the packed
 the terms of the distilled positions in that slice (the teacher states of all positions are gathered by
 `TeacherForward`), and the engine all-gathers the per-position outputs across the SP group, as it does the
 log-probs, with the gradient of each slice flowing back to the rank that holds it.
+
+Memory: the loss keeps a gradient buffer for the distilled positions only, and adds it into the gradient that
+verl's policy loss gives the same logits (`gradient_sink`, a `Tensor.register_hook` on the engine's logits, see
+`ssopd_verl.losses`): positions that are not distilled cost nothing of size [tokens x vocabulary] beyond what
+GRPO holds.
+
+Metrics mean the same on any layout (one rank, N data-parallel ranks, Ulysses SP, any micro-batching): every
+micro-batch on every rank reports every `ssopd/*` metric (verl's `Metric.aggregate_dp` needs as many values per
+rank), and the per-position means (`ssopd/kl_unclipped`, the shares, ...) are sent as a sum and a count, each
+scaled by the data-parallel size with SUM aggregation, so that verl's mean over ranks and sum over micro-batches
+yields the totals; `finalize_metrics` (called by the trainer) divides them. Positions whose teacher logits were
+not finite are left out of every mean, L_g's included.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Optional
 
@@ -41,6 +54,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight, local_positions, response_logit_positions
 from ssopd_verl.losses import chunked_clipped_forward_kl
+
+logger = logging.getLogger(__name__)
 
 # Per-row batch fields written by the trainer (every row carries them; see SSOPDTrainer).
 TEACHER_IDS = "ssopd_teacher_ids"  # nested int64: teacher prompt + target response
@@ -58,7 +73,12 @@ DIAGNOSTICS = {
     "ssopd_argmax_differs": "teacher_argmax_differs",  # 1 where the teacher's argmax is another token
 }
 OUT_NONFINITE = "ssopd_teacher_nonfinite"  # 1 at positions whose teacher logits were NaN/inf (masked out)
+# Worker-level metric keys behind the per-position means: `finalize_metrics` turns SUM_PREFIX + name / COUNT into
+# `ssopd/<name>` (no "max"/"min" in these names: verl's reduce_metrics would take the max of a list over them).
+SUM_PREFIX = "ssopd/sum_"
+COUNT = "ssopd/sum_distilled_positions"
 OUT_ARGMAX = "ssopd_teacher_argmax"  # the teacher's most likely token (as float; -1 = none), for the token view
+HOOK_OUTPUTS = (OUT_LOSS, *DIAGNOSTICS, OUT_NONFINITE, OUT_ARGMAX)  # the hook's outputs, in a fixed order
 # Non-tensor field the trainer adds to an update batch when a token view is due (ssopd.token_view_every): the step.
 TOKEN_VIEW_STEP = "ssopd_token_view_step"
 TOKEN_VIEW_PATH = "ssopd_token_view_path"  # and the HTML file rank 0 writes
@@ -96,6 +116,7 @@ class SSOPDActorLoss:
             else None
         )
         self._teacher_seconds = 0.0  # teacher forward + loss time since the last loss call (timing metric)
+        self._warned_sink = False
         self.view_records: list[dict] = []  # token-view records of the current update (TokenViewRecord fields)
 
     def __call__(self, model_output=None, data: TensorDict = None, dp_group=None, student_logits=None):
@@ -135,9 +156,7 @@ class SSOPDActorLoss:
             # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
             loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
             self._teacher_seconds += time.perf_counter() - started
-            return {OUT_LOSS: loss.unsqueeze(0), OUT_NONFINITE: zeros.unsqueeze(0), OUT_ARGMAX: zeros.unsqueeze(0)} | {
-                key: zeros.unsqueeze(0) for key in DIAGNOSTICS
-            }
+            return _hook_outputs({OUT_LOSS: loss} | {key: zeros for key in HOOK_OUTPUTS if key != OUT_LOSS})
 
         student_pos = plan["student_pos"].to(logits.device)
         terms = chunked_clipped_forward_kl(
@@ -151,6 +170,7 @@ class SSOPDActorLoss:
             chunk_size=self.ssopd.chunk_size,
             student_rows=student_pos,
             sampled_ids=plan["sampled"].to(logits.device),
+            gradient_sink=self._gradient_sink(student_logits, logits),
         )
         place = lambda values: zeros.detach().index_put((student_pos,), values.detach().float())  # noqa: E731
         out = {
@@ -164,7 +184,22 @@ class SSOPDActorLoss:
             OUT_ARGMAX: place(terms.teacher_argmax),  # token ids < 2**24: exact in float32
         }
         self._teacher_seconds += time.perf_counter() - started
-        return {key: value.unsqueeze(0) for key, value in out.items()}
+        return _hook_outputs(out)
+
+    def _gradient_sink(self, student_logits: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """The engine's logits tensor that ``student_logits`` views: verl's log-prob path reads it too, so the
+        distilled rows' gradient can be added into the policy loss's logit gradient (``ssopd_verl.losses``).
+        None (a separate (M, V) gradient at backward, correct but larger) when the hook's argument is not a
+        plain view of the whole of one tensor; said once."""
+        base = student_logits._base
+        if (base is not None and base.numel() == logits.numel() and base.data_ptr() == logits.data_ptr()
+                and base.is_contiguous() and logits.is_contiguous()):  # fmt: skip
+            return base
+        if not self._warned_sink:
+            self._warned_sink = True
+            logger.warning("ssopd: the student logits are not a view of the engine's logits tensor; the distillation "
+                           "gradient is returned as a separate [tokens x vocabulary] tensor (more memory)")
+        return None
 
     @staticmethod
     def _distilled_positions(data: TensorDict, rows, teacher_seqs, teacher_starts, seq_lens, prompt_lens) -> dict:
@@ -204,10 +239,13 @@ class SSOPDActorLoss:
         per_token = no_padding_2_padding(model_output[OUT_LOSS], data)  # (b, R), aligned with response_mask
         mask = _padded(data, "response_mask").to(per_token.dtype)
         # L_g is the token mean over the distilled positions: the first `distilled` response tokens of the row
-        # (its whole response, or the first ssopd.max_distill_tokens of it).
+        # (its whole response, or the first ssopd.max_distill_tokens of it), less those whose teacher logits were
+        # not finite (their loss is 0 and they carry no teacher distribution: left out of the mean).
         distilled = data[TEACHER_IDS].offsets().diff().to(mask.device) - data[TEACHER_PROMPT_LEN].to(mask.device)
         positions = torch.arange(mask.shape[-1], device=mask.device)
         mask = mask * (positions[None, :] < distilled[:, None]).to(mask.dtype)
+        nonfinite = no_padding_2_padding(model_output[OUT_NONFINITE], data).to(mask.dtype) * mask
+        mask = mask - nonfinite
         tokens = mask.sum(-1).clamp(min=1)
         per_row = (per_token * mask).sum(-1) / tokens  # L for each row
         weights = data[ROW_WEIGHT].to(per_row.device, per_row.dtype)
@@ -220,8 +258,10 @@ class SSOPDActorLoss:
         # sum_g w*share*L / G, scaled like verl's agg_loss (see module docstring); lambda applied below.
         distill = (weights * per_row).sum() / num_prompts * dp_size
 
-        is_target = weights > 0
         with torch.no_grad():
+            # Every metric on every micro-batch of every rank (see the module docstring). A total: the local value
+            # times dp_size, SUM-aggregated (verl averages over ranks, sums over micro-batches).
+            total = lambda value: Metric(value=float(value) * dp_size, aggregation=AggregationType.SUM)  # noqa: E731
             # What this micro-batch holds per rank, student + teacher tokens (the teacher_in_token_budget check).
             tokens = data["input_ids"].offsets().diff().sum() + teacher_tokens(data).sum()
             metrics["ssopd/micro_batch_tokens_max"] = Metric(value=float(tokens), aggregation=AggregationType.MAX)
@@ -229,17 +269,16 @@ class SSOPDActorLoss:
             metrics["ssopd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
             metrics["ssopd/teacher_time_s"] = Metric(value=self._teacher_seconds, aggregation=AggregationType.SUM)
             self._teacher_seconds = 0.0
-            if bool(is_target.any()):
-                target_mask = mask * is_target.unsqueeze(-1).to(mask.dtype)
-                denom = target_mask.sum().clamp(min=1)
-                for key, name in DIAGNOSTICS.items():
-                    value = (no_padding_2_padding(model_output[key], data) * target_mask).sum() / denom
-                    metrics[f"ssopd/{name}"] = Metric(value=value, aggregation=AggregationType.MEAN)
-                nonfinite = (no_padding_2_padding(model_output[OUT_NONFINITE], data) * target_mask).sum()
-                metrics["ssopd/teacher_nonfinite"] = Metric(value=nonfinite, aggregation=AggregationType.SUM)
-                step = tu.get_non_tensor_data(data, TOKEN_VIEW_STEP, None)
-                if step is not None and _is_rank_zero() and len(self.view_records) < self.ssopd.token_view_targets:
-                    self._collect_view(int(step), model_output, data, mask, weights)
+            target_mask = mask * (weights > 0).unsqueeze(-1).to(mask.dtype)
+            metrics[COUNT] = total(target_mask.sum())
+            for key, name in DIAGNOSTICS.items():
+                value = (no_padding_2_padding(model_output[key], data) * target_mask).sum()
+                metrics[SUM_PREFIX + name] = total(value)
+            metrics["ssopd/teacher_nonfinite"] = total((nonfinite * (weights > 0).unsqueeze(-1)).sum())
+            step = tu.get_non_tensor_data(data, TOKEN_VIEW_STEP, None)
+            if (step is not None and bool((weights > 0).any()) and _is_rank_zero()
+                    and len(self.view_records) < self.ssopd.token_view_targets):  # fmt: skip
+                self._collect_view(int(step), model_output, data, mask, weights)
         return policy_loss + self.ssopd.lam * distill, metrics
 
     def _collect_view(self, step: int, model_output, data: TensorDict, mask: torch.Tensor, weights) -> None:
@@ -265,6 +304,27 @@ class SSOPDActorLoss:
                 teacher_logp=values["ssopd_teacher_logp"], student_logp=values["ssopd_student_logp"],
                 teacher_argmax=[int(a) for a in values[OUT_ARGMAX]], witness_is_teacher_prompt=True,
             ))  # fmt: skip
+
+
+def _hook_outputs(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The logits hook's per-position outputs, shaped (1, N), always in the order of HOOK_OUTPUTS: under Ulysses SP
+    the engine all-gathers them key by key in dict order, so every rank of the group must list the same keys in
+    the same order (a rank whose slice holds no distilled position included), or the gathers pair one rank's KL
+    with another's flags."""
+    return {key: values[key].unsqueeze(0) for key in HOOK_OUTPUTS}
+
+
+def finalize_metrics(metrics: dict) -> dict:
+    """The trainer's side of the layout-independent means: ``ssopd/<name>`` = the summed values over the summed
+    count of distilled positions, for every diagnostic; the helper keys are removed. Absent when nothing was
+    distilled (a mean over no position). ``metrics`` holds verl's reduced actor metrics with ``actor/`` stripped
+    (each helper key the mean over mini-batches of a total, so the ratio is the step's)."""
+    count = metrics.pop(COUNT, None)
+    for name in DIAGNOSTICS.values():
+        value = metrics.pop(SUM_PREFIX + name, None)
+        if value is not None and count:
+            metrics[f"ssopd/{name}"] = float(value) / float(count)
+    return metrics
 
 
 def _is_rank_zero() -> bool:

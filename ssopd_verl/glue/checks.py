@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
@@ -62,6 +63,15 @@ def check_config(config, *, warn: bool = True) -> SSOPDConfig:
         raise ValueError(f"SSOPD needs groups: actor_rollout_ref.rollout.n must be >= 2, got {n}")
     if ssopd.enabled and config.actor_rollout_ref.model.get("use_fused_kernels", False):
         raise ValueError("SSOPD reads the full student logits: set actor_rollout_ref.model.use_fused_kernels=false")
+    if ssopd.enabled and config.actor_rollout_ref.model.get("enable_activation_offload", False):
+        raise ValueError(
+            "actor_rollout_ref.model.enable_activation_offload=true: verl's activation offload keeps per-forward "
+            "bookkeeping that the SSOPD teacher forward (a second forward of the same module inside the update, "
+            "before its backward) runs twice, and the first update crashes. Set "
+            "actor_rollout_ref.model.enable_activation_offload=false (gradient checkpointing, "
+            "actor_rollout_ref.model.enable_gradient_checkpointing=true, is supported)."
+        )
+    _check_loss_aggregation(config)
     _check_strategy(config)
     _check_ulysses(config)
     if ssopd.enabled:
@@ -74,6 +84,21 @@ def check_config(config, *, warn: bool = True) -> SSOPDConfig:
     return ssopd
 
 
+def startup_warnings(config) -> list[str]:
+    """Settings that run but are probably not what the user meant, each naming the key (printed before Ray starts
+    by `StartupCheck`, and logged again by the trainer)."""
+    notes = []
+    temperature = OmegaConf.select(config, "actor_rollout_ref.rollout.temperature", default=1.0)
+    if temperature is not None and float(temperature) == 0.0:
+        notes.append(
+            "actor_rollout_ref.rollout.temperature=0: training rollouts are greedy, so the n completions of a group "
+            "are identical: no group is mixed, SSOPD forms no pair and GRPO's advantages are all 0. Set "
+            "actor_rollout_ref.rollout.temperature > 0 (e.g. 1.0); greedy validation is "
+            "actor_rollout_ref.rollout.val_kwargs.temperature."
+        )
+    return notes
+
+
 class StartupCheck(Callback):
     """Hydra callback (installed by the recipe overlay): `check_config` in the driver, before verl's `main()`."""
 
@@ -83,6 +108,8 @@ class StartupCheck(Callback):
         except ValueError as error:
             # Hydra reports an Exception raised by a callback as a warning and goes on; SystemExit ends the run.
             raise SystemExit(f"ssopd-verl: refusing to start: {error}") from None
+        for note in startup_warnings(config):
+            print(f"ssopd-verl: warning: {note}", file=sys.stderr, flush=True)
 
 
 # ---- the trainer that runs ---------------------------------------------------------------------------------------
@@ -137,10 +164,36 @@ def _check_ulysses(config) -> None:
         )
 
 
+def _check_loss_aggregation(config) -> None:
+    """verl's policy-loss aggregation must not depend on how a mini-batch is cut into micro-batches: the SSOPD term
+    is normalised globally (per prompt of the mini-batch), so lambda weighs it against a GRPO term that must be
+    too. `seq-mean-token-sum-norm` without `loss_scale_factor` divides by the micro-batch's padded response length
+    (verl's `agg_loss`: `loss_mask.shape[-1]`), which changes with the micro-batch split and dynamic batching."""
+    actor = config.actor_rollout_ref.actor
+    mode = actor.get("loss_agg_mode", "token-mean")
+    if mode == "seq-mean-token-sum-norm" and actor.get("loss_scale_factor", None) is None:
+        raise ValueError(
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm without "
+            "actor_rollout_ref.actor.loss_scale_factor: verl then divides each micro-batch's policy loss by that "
+            "micro-batch's padded response length, so the GRPO term (and its balance with SSOPD's lambda) depends on "
+            "the micro-batch split. Set actor_rollout_ref.actor.loss_scale_factor (e.g. data.max_response_length) "
+            "or use loss_agg_mode=token-mean (the recipe's default)."
+        )
+
+
 def _check_teacher(config, ssopd: SSOPDConfig) -> None:
     if ssopd.teacher != "initial":
         return
     lora_rank = config.actor_rollout_ref.model.get("lora_rank", 0) or 0
+    adapter = config.actor_rollout_ref.model.get("lora_adapter_path", None)
+    if lora_rank > 0 and adapter:
+        raise ValueError(
+            f"ssopd.teacher=initial with actor_rollout_ref.model.lora_adapter_path={adapter}: the initial teacher "
+            f"runs the actor with its adapters disabled, i.e. the bare base model, not the policy at step 0 "
+            f"(base + the loaded adapter). Merge the adapter into the base model and point "
+            f"actor_rollout_ref.model.path at the merged checkpoint (then lora_adapter_path=null), or use "
+            f"ssopd.teacher=live."
+        )
     if lora_rank > 0:
         return
     raise ValueError(

@@ -106,7 +106,8 @@ def pack_in_order(lengths: list[int], max_tokens: Optional[int]) -> list[list[in
     return groups + ([current] if current else [])
 
 
-def student_token_budget(budget: int, student_lens: Sequence[int], teacher_lens: Sequence[int], sp: int = 1) -> int:
+def student_token_budget(budget: int, student_lens: Sequence[int], teacher_lens: Sequence[int], sp: int = 1,
+                         device=None, group=None) -> int:
     """The ``max_token_len_per_gpu`` to give verl's dynamic batching for an update whose rows also carry teacher
     sequences, so that no micro-batch holds more than ``budget`` student + teacher tokens per rank.
 
@@ -116,11 +117,28 @@ def student_token_budget(budget: int, student_lens: Sequence[int], teacher_lens:
     all (``t_i = 0`` for rows that are not targets), so micro-batches of at most ``budget / r`` student tokens hold
     at most ``budget`` tokens. Never below the longest row's share per rank, ``ceil(max_i s_i / sp)`` (verl requires
     a row to fit); a target longer than that on its own still has its teacher forward split (``TeacherForward``).
+
+    The ranks must agree: ``rearrange_micro_batches`` checks every rank's rows against the longest row of *all*
+    data-parallel ranks, so a rank whose own limit were lower would raise while the others wait in its next
+    collective. ``r`` and the longest row are therefore the maxima over the ranks of ``group`` (an all-reduce,
+    when torch.distributed is initialised; every rank calls this with its own rows), and every rank returns the
+    same budget.
     """
     if not student_lens or min(student_lens) < 1:
         raise ValueError("student_token_budget needs at least one row and rows of >= 1 token")
     ratio = max((s + t) / s for s, t in zip(student_lens, teacher_lens, strict=True))
-    return max(int(budget // ratio), -(-max(student_lens) // sp))
+    ratio, longest = agreed_max([ratio, float(max(student_lens))], device=device, group=group)
+    return max(int(budget // ratio), -(-int(longest) // sp))
+
+
+def agreed_max(values: list[float], device=None, group=None) -> list[float]:
+    """The element-wise maximum of ``values`` over the ranks of ``group`` (the values themselves without
+    torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=group)
+    return tensor.tolist()
 
 
 def agreed_count(count: int, device) -> int:

@@ -19,6 +19,7 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -39,17 +40,27 @@ from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.distill_plan import plan_distillation
 from ssopd_verl.evaluation.grading import GRADING_FLAGS
 from ssopd_verl.glue import estimator
-from ssopd_verl.glue.actor_loss import ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN, TOKEN_VIEW_PATH, TOKEN_VIEW_STEP
-from ssopd_verl.glue.checks import check_config, plain as _plain, warn_if_teacher_may_not_fit
+from ssopd_verl.glue.actor_loss import (
+    ROW_WEIGHT,
+    TEACHER_IDS,
+    TEACHER_PROMPT_LEN,
+    TOKEN_VIEW_PATH,
+    TOKEN_VIEW_STEP,
+    finalize_metrics,
+)
+from ssopd_verl.glue.checks import check_config, plain as _plain, startup_warnings, warn_if_teacher_may_not_fit
 from ssopd_verl.glue.worker import SSOPDActorRolloutRefWorker
 
 TRAINER_MODE = "ssopd"
+logger = logging.getLogger(__name__)
 
 
 @register_trainer(TRAINER_MODE)
 class SSOPDTrainer(PPOTrainerSync):
     def __init__(self, config):
         self.ssopd = check_config(config)
+        for note in startup_warnings(config):
+            logger.warning("ssopd: %s", note)
         # verl branches on the literal mode "sync" (replay buffer, checkpoints, refill); this trainer *is* the
         # sync trainer, so once the registry has resolved "ssopd" to this class it runs under that name.
         with open_dict(config):
@@ -101,6 +112,7 @@ class SSOPDTrainer(PPOTrainerSync):
             print(f"ssopd: token view of step {self.global_steps}: {view} {state}", flush=True)
         for key in [k for k in metrics if k.startswith("actor/ssopd/")]:
             metrics[key[len("actor/") :]] = metrics.pop(key)
+        finalize_metrics(metrics)
         return batch
 
     def _token_view_path(self) -> Optional[Path]:

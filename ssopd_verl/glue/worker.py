@@ -23,6 +23,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from verl.plugin.platform import get_platform
+from verl.utils.device import get_device_name
 
 from ssopd_verl.config import SSOPDConfig
 from ssopd_verl.glue.actor_loss import TOKEN_VIEW_PATH, SSOPDActorLoss, mark_for_distillation, teacher_tokens
@@ -60,8 +61,11 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
         if self.ssopd.enabled and self.ssopd.teacher_in_token_budget and actor.get("use_dynamic_bsz", False):
             # verl keeps a max_token_len_per_gpu already in the batch (TrainingWorker.train_batch): a smaller one
             # so that each micro-batch's student + teacher tokens fit ppo_max_token_len_per_gpu.
+            # Agreed by all ranks (an all-reduce over the actor's ranks): verl checks each rank's rows against the
+            # longest row of every rank.
             budget = student_token_budget(actor.ppo_max_token_len_per_gpu, data["input_ids"].offsets().diff().tolist(),
-                                          teacher_tokens(data).tolist(), sp=self.actor.engine.ulysses_sequence_parallel_size)  # fmt: skip
+                                          teacher_tokens(data).tolist(), sp=self.actor.engine.ulysses_sequence_parallel_size,
+                                          device=get_device_name())  # fmt: skip
             tu.assign_non_tensor(data, max_token_len_per_gpu=budget)
         output = super().update_actor(data)
         records, self.loss_fn.view_records = self.loss_fn.view_records, []
