@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ssopd_verl import tiny_default as td
+from ssopd_verl.tiny_default.tasks.addition import Addition
 from ssopd_verl.tiny_tokenizer import QWEN3_SPECIAL_TOKENS
 
 # Same tokenizer and data as the default (only the warm start differs): 10 steps, then stop (no targets); the
@@ -257,7 +258,7 @@ def test_teacher_prompt_is_the_trainers_with_a_sampled_witness(built, tokenizer,
 
     problems = _train_problems(built, 48)
     samples = td.sample_completions(
-        model, tokenizer, [td._prompt_ids(tokenizer, p) for p in problems for _ in range(4)], max_new_tokens=48, seed=7
+        model, tokenizer, [td.prompt_ids(tokenizer, p) for p in problems for _ in range(4)], max_new_tokens=48, seed=7
     )
     witnesses = {}
     for k, (resp, finished) in enumerate(samples):
@@ -299,7 +300,7 @@ def test_tiny_overlay_validates_a_fixed_set():
     config, so the same checkpoint scores the same in every run (an unseeded random subset did not)."""
     from omegaconf import OmegaConf
 
-    overlay = OmegaConf.load(Path(td.__file__).with_name("conf") / "tiny" / "default.yaml")
+    overlay = OmegaConf.load(Path(td.__file__).parents[1] / "conf" / "tiny" / "default.yaml")
     data = overlay.data
     assert data.val_max_samples in (-1, None) or data.val_max_samples >= td.TinyDefaultSpec().n_val
     assert data.seed is not None
@@ -386,7 +387,7 @@ def test_verl_renders_the_trained_prompt(built, tokenizer, tmp_path):
         messages = list(row["raw_prompt"])
         ids = builder.build_initial_tokens(messages)
         problem = td.Problem(*(int(x) for x in messages[0]["content"].split("?")[0][8:].split(" + ")))
-        assert ids == td._prompt_ids(tokenizer, problem)
+        assert ids == td.prompt_ids(tokenizer, problem)
         assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
@@ -486,3 +487,75 @@ def test_slipped_solutions():
                 assert sum(g != s for g, s in zip(good, bad)) >= 1
                 seen.add(next(i for i, (g, s) in enumerate(zip(good, bad)) if g != s))
     assert seen == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: a second task is a new class in the registry, not an edit of the build
+
+
+def test_default_task_keeps_the_cache_key():
+    spec = td.TinyDefaultSpec()
+    assert spec.task == td.DEFAULT_TASK == "addition" and isinstance(td.get_task(spec.task), Addition)
+    # builds from before tasks existed recorded no task: the default's manifest spec and cache directory are those
+    assert "task" not in spec.to_dict() and td.TinyDefaultSpec.from_dict(spec.to_dict()) == spec
+    assert td.default_cache_dir(dataclasses.replace(spec, task="addition")) == td.default_cache_dir()
+    other = dataclasses.replace(spec, task="subtraction")
+    assert other.to_dict()["task"] == "subtraction" and td.TinyDefaultSpec.from_dict(other.to_dict()) == other
+    assert other.digest() != spec.digest() and td.default_cache_dir(other) != td.default_cache_dir()
+    with pytest.raises(ValueError, match="unknown tiny-default task"):
+        td.make_splits(other)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Difference:
+    a: int
+    b: int
+
+    @property
+    def prompt(self):
+        return f"What is {self.a} - {self.b}? {td.INSTRUCTION}"
+
+    @property
+    def messages(self):
+        return [{"role": "user", "content": self.prompt}]
+
+    @property
+    def answer(self):
+        return str(self.a - self.b)
+
+    def _worked(self, result):
+        return f"<think>\n{self.a}-{self.b}={result}\n</think>\n\n\\boxed{{{result}}}"
+
+    @property
+    def solution(self):
+        return self._worked(self.a - self.b)
+
+    def slipped_solution(self, rng):
+        return self._worked(self.a - self.b + rng.choice((-1, 1)))
+
+
+class _Subtraction:
+    name = "subtraction"
+    data_source = "subtraction"
+    ability = "arithmetic"
+
+    def problems(self, spec):
+        return [_Difference(a, b) for a in range(spec.min_operand, spec.max_operand + 1) for b in range(10, a + 1)]
+
+
+def test_a_second_task_is_a_registry_entry(monkeypatch, tmp_path):
+    """A task defined here, registered, built through the unchanged tokenizer, warm start and build."""
+    import pandas as pd
+
+    monkeypatch.setitem(td.TASKS, "subtraction", _Subtraction())
+    spec = dataclasses.replace(CHEAP, task="subtraction")
+    result = td.build_tiny_default(tmp_path / "sub", spec=spec)
+    assert result.data_source == "subtraction" and result.manifest["spec"]["task"] == "subtraction"
+    splits = td.make_splits(spec)
+    val = pd.read_parquet(result.val_file)
+    assert list(val["prompt"].map(lambda m: m[0]["content"])) == [p.prompt for p in splits["val"]]
+    assert set(val["data_source"]) == {"subtraction"} and set(val["ability"]) == {"arithmetic"}
+    assert [r["ground_truth"] for r in val["reward_model"]] == [p.answer for p in splits["val"]]
+    tokenizer = td.build_tokenizer(spec)
+    assert tokenizer.decode(td.prompt_ids(tokenizer, splits["val"][0])).startswith("<|im_start|>user\nWhat is ")
+    assert td.build_tiny_default(tmp_path / "sub", spec=spec) == result  # cached under its own spec

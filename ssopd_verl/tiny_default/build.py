@@ -1,0 +1,312 @@
+"""Building the tiny default once, caching it, and finding it again: :func:`build_tiny_default`.
+
+The build: the task's seeded splits, the tokenizer trained on the warm-start problems, a seeded model, the warm
+start, the held-out measurement (every validation problem, ``heldout_samples`` = 4 samples each, temperature 1.0,
+seed ``heldout_seed``: student and teacher-prompt sampled accuracy, greedy student accuracy, what the overlay's
+validation reads, and the count of mixed problems; measured: student 0.38, teacher prompt 0.90, greedy student
+0.55), then the model, the tokenizer and ``train.parquet`` / ``val.parquet`` written out.
+
+Cache: it is built once into a versioned directory (default ``$SSOPD_CACHE/tiny-default-v2``, ``$SSOPD_CACHE``
+defaulting to ``~/.cache/ssopd_verl``), under a file lock, in a sibling temporary directory that is renamed into
+place after ``manifest.json`` (versions, spec, seed, accuracies, held-out measurement, steps, history, sha256 of
+every file) is written, so an interrupted build is never mistaken for a finished one. A later call checks the
+manifest (format, :data:`CACHE_VERSION`, the spec) and the file hashes and returns the cached build without
+training; nothing else (no source file) is part of the key.
+
+Determinism: the same spec (seed included) gives byte-identical files on the same software versions, thread count
+(``num_threads``, default 1, set for the warm start and restored after: one thread is also the fastest on a shared
+2-core machine) and CPU; the manifest records them. The global torch RNG is left untouched.
+
+Also the Hydra resolver ``${ssopd_tiny:model_path}`` of the ``+tiny=default`` overlay (:func:`resolve_path`).
+
+Imports: the standard library at module level (a cached build is returned without importing torch); torch,
+transformers, tokenizers and pandas inside the build; verl never.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ssopd_verl.tiny_default.model import measure, new_model, save_model
+from ssopd_verl.tiny_default.spec import TinyDefaultSpec
+from ssopd_verl.tiny_default.tasks import get_task, make_splits, parquet_rows
+from ssopd_verl.tiny_default.tasks.addition import DATA_SOURCE
+from ssopd_verl.tiny_default.tokenizer import CHAT_TEMPLATE_KWARGS, build_tokenizer
+from ssopd_verl.tiny_default.warm_start import warm_start
+
+__all__ = [
+    "CACHE_NAME",
+    "CACHE_VERSION",
+    "RESOLVER",
+    "TinyDefault",
+    "build_tiny_default",
+    "cached_tiny_default",
+    "default_cache_dir",
+    "resolve_path",
+]
+
+CACHE_VERSION = 2  # 2: the warm start also teaches the teacher prompt (held-out accuracies in the manifest)
+CACHE_NAME = f"tiny-default-v{CACHE_VERSION}"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+TRAIN_FILE = "train.parquet"
+VAL_FILE = "val.parquet"
+
+
+@dataclass(frozen=True)
+class TinyDefault:
+    """A finished build. Paths are absolute; ``accuracy`` / ``teacher_accuracy`` are the sampled student /
+    teacher-prompt accuracies when the warm start stopped (temperature 1.0, ``spec.n_check`` problems x
+    ``spec.check_samples`` samples); ``heldout`` is the manifest's independent measurement on the validation
+    problems (see :func:`~ssopd_verl.tiny_default.model.measure`)."""
+
+    model_path: str  # model + tokenizer (save_pretrained layout; AutoTokenizer / AutoModelForCausalLM load it)
+    train_file: str
+    val_file: str
+    accuracy: float
+    steps: int
+    cache_dir: str = ""
+    teacher_accuracy: float = float("nan")
+    heldout: dict = field(default_factory=dict, compare=False)
+    data_source: str = DATA_SOURCE
+    chat_template_kwargs: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def default_cache_dir(spec: Optional[TinyDefaultSpec] = None) -> Path:
+    """``$SSOPD_CACHE/tiny-default-v2`` (``$SSOPD_CACHE`` defaults to ``~/.cache/ssopd_verl``); a non-default spec
+    gets a suffix with its digest."""
+    root = Path(os.environ.get("SSOPD_CACHE") or Path.home() / ".cache" / "ssopd_verl").expanduser()
+    name = CACHE_NAME
+    if spec is not None and spec != TinyDefaultSpec():
+        name += "-" + spec.digest()[:10]
+    return root / name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("ssopd-verl", "torch", "transformers", "tokenizers", "pandas", "pyarrow", "verl"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def cached_tiny_default(cache_dir: Optional[os.PathLike | str] = None) -> Optional[TinyDefault]:
+    """The default build if it is in the cache (``cache_dir`` or :func:`default_cache_dir`) and intact; None if it
+    still has to be built. Never trains."""
+    spec = TinyDefaultSpec()
+    return _load_cached(Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(spec), spec)
+
+
+def _load_cached(cache_dir: Path, spec: TinyDefaultSpec) -> Optional[TinyDefault]:
+    """The cached build if its manifest is complete, for this spec, and every file hash matches; else None."""
+    try:
+        manifest = json.loads((cache_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != "ssopd-tiny-default" or manifest.get("version") != CACHE_VERSION:
+        return None
+    if manifest.get("spec") != spec.to_dict():
+        return None
+    files = manifest.get("files") or {}
+    if not files:
+        return None
+    for rel, digest in files.items():
+        p = cache_dir / rel
+        if not p.is_file() or _sha256(p) != digest:
+            return None
+    return _result(cache_dir, manifest)
+
+
+def _result(cache_dir: Path, manifest: dict) -> TinyDefault:
+    return TinyDefault(
+        model_path=str(cache_dir / MODEL_DIR),
+        train_file=str(cache_dir / TRAIN_FILE),
+        val_file=str(cache_dir / VAL_FILE),
+        accuracy=float(manifest["accuracy"]),
+        steps=int(manifest["steps"]),
+        teacher_accuracy=float(manifest["teacher_accuracy"]),
+        heldout=dict(manifest["heldout"]),
+        cache_dir=str(cache_dir),
+        data_source=manifest["data_source"],
+        chat_template_kwargs=dict(manifest["chat_template_kwargs"]),
+        manifest=manifest,
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _write_parquet(rows: list, path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def _build_into(out: Path, spec: TinyDefaultSpec, progress: Optional[Callable[[str], None]]) -> dict:
+    t0 = time.perf_counter()
+    task = get_task(spec.task)
+    splits = make_splits(spec)
+    tokenizer = build_tokenizer(spec, splits["sft"])
+    model = new_model(spec, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    if progress:
+        progress(
+            f"tiny default: vocabulary {len(tokenizer)} tokens, model {n_params / 1e6:.2f}M parameters, "
+            f"{len(splits['sft'])} warm-start problems"
+        )
+    with _torch_threads(spec.num_threads):
+        accuracy, teacher_accuracy, steps, history = warm_start(model, tokenizer, spec, splits, progress)
+        heldout = measure(
+            model,
+            tokenizer,
+            splits["val"],
+            samples=spec.heldout_samples,
+            seed=spec.heldout_seed,
+            max_new_tokens=spec.max_new_tokens,
+        )
+    heldout = {"split": "val", **heldout} if heldout else {}
+    if progress and heldout:
+        progress(
+            f"held out ({heldout['problems']} val problems x {heldout['samples']}, temperature 1): student "
+            f"{heldout['student_accuracy']:.3f}, teacher prompt {heldout['teacher_accuracy']:.3f}; greedy student "
+            f"{heldout['student_greedy_accuracy']:.3f}"
+        )
+
+    model_dir = out / MODEL_DIR
+    model_dir.mkdir(parents=True)
+    save_model(model, tokenizer, model_dir)
+    _write_parquet(parquet_rows(task, splits["train"], "train"), out / TRAIN_FILE)
+    _write_parquet(parquet_rows(task, splits["val"], "val"), out / VAL_FILE)
+
+    for p in out.rglob("*"):  # safetensors writes 0600; a shared cache should be readable
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    files = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "format": "ssopd-tiny-default",
+        "version": CACHE_VERSION,
+        "spec": spec.to_dict(),
+        "seed": spec.seed,
+        "versions": _versions(),
+        "torch_threads": spec.num_threads,
+        "accuracy": accuracy,
+        "teacher_accuracy": teacher_accuracy,
+        "steps": steps,
+        "history": history,
+        "heldout": heldout,
+        "teacher_prompt": {
+            "builder": "ssopd_verl.teacher_context.build_teacher_context",
+            "template": "ssopd.template default (teacher_context.DEFAULT_TEMPLATE)",
+            "witness": "the problem's worked solution as response ids, witness_from_response(..., 'keep')",
+            "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+        },
+        "parameters": n_params,
+        "vocab_size": len(tokenizer),
+        "data_source": task.data_source,
+        "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+        "rows": {"train": len(splits["train"]), "val": len(splits["val"]), "sft": len(splits["sft"])},
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "files": files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last: marks completion
+    return manifest
+
+
+def build_tiny_default(
+    cache_dir: Optional[os.PathLike | str] = None,
+    *,
+    force: bool = False,
+    spec: Optional[TinyDefaultSpec] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> TinyDefault:
+    """Build the tiny default into ``cache_dir`` (default :func:`default_cache_dir`) once, and return it.
+
+    A finished build (manifest present, same spec, file hashes intact) is returned as is, without training or
+    touching any file, unless ``force``. Otherwise it is built in a temporary sibling directory that replaces
+    ``cache_dir`` once complete; concurrent callers wait on a sibling lock file ``.<name>.lock``. ``progress``
+    receives one line per accuracy check. Raises RuntimeError if the warm start misses the band."""
+    spec = spec or TinyDefaultSpec()
+    cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir(spec)
+    if not force:
+        cached = _load_cached(cache_dir, spec)
+        if cached is not None:
+            return cached
+    with _file_lock(cache_dir.with_name(f".{cache_dir.name}.lock")):
+        if not force:  # another process may have finished it while we waited
+            cached = _load_cached(cache_dir, spec)
+            if cached is not None:
+                return cached
+        for stale in cache_dir.parent.glob(cache_dir.name + ".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_dir.with_name(f"{cache_dir.name}.partial-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _build_into(tmp, spec, progress)
+            if cache_dir.exists():
+                shutil.rmtree(cache_dir)
+            os.replace(tmp, cache_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _result(cache_dir, manifest)
+
+
+# Hydra resolver: `${ssopd_tiny:model_path}` in the `+tiny=default` overlay (registered by the verl plugin).
+
+RESOLVER = "ssopd_tiny"
+
+
+def resolve_path(field_name: str) -> str:
+    """A path of the tiny default for a config interpolation; builds it (once, cached) on first use."""
+    allowed = ("model_path", "train_file", "val_file")
+    if field_name not in allowed:
+        raise ValueError(f"${{{RESOLVER}:{field_name}}}: expected one of {allowed}")
+    # "ssopd: " so that scripts/run_tiny_cpu.sh, which shows only our lines, shows the first-use build's progress
+    built = build_tiny_default(progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
+    return getattr(built, field_name)
