@@ -4,7 +4,7 @@ verl's console logger prints every metric of a step on one line (about 3,000 cha
 watches are a dozen. The SSOPD trainer prints this line after each step whatever the loggers are, so the
 CPU main job can turn verl's console logger off and keep its full log in a file.
 
-    ssopd [####----]  4/8  reward 0.41  val 0.38  pairs 5  distill 0.0123  kl 1.92  teacher-student +0.84 nats  argmax!= 0.31  skipped 0  step 6.1 s (teacher 18%)
+    ssopd [####----]  4/8  reward 0.41  val 0.38  pairs 5  distill 0.0123  kl 1.92  teacher-student +0.84 nats  argmax!= 0.31  skipped 0  loop 0.00  cut 0.02  step 6.1 s (teacher 18%)
 
 Pure module: no verl import.
 """
@@ -62,6 +62,9 @@ def step_line(metrics: Mapping[str, float], step: int, total_steps: int) -> str:
         parts.append(f"teacher-student {gain:+.3f} nats")
     add("argmax!=", "ssopd/teacher_argmax_differs", ".2f")
     add("skipped", "ssopd/targets_skipped", ".0f")
+    # degeneration of the step's completions: share that ended in a repetition loop, share cut at the length limit
+    add("loop", "degeneration/repetition_loop_frac", ".2f")
+    add("cut", "degeneration/length_limit_frac", ".2f")
     step_time = _number(metrics, "timing_s/step", ".1f")
     if step_time is not None:
         share = metrics.get("ssopd/teacher_time_share")

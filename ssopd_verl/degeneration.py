@@ -68,6 +68,8 @@ __all__ = [
     "TOKEN_RULE",
     "Loop",
     "LoopRule",
+    "completion_flags",
+    "degeneration_metrics",
     "degeneration_summary",
     "find_terminal_loop",
 ]
@@ -210,3 +212,27 @@ def degeneration_summary(
         "length_limit_loop_frac": share(limit_loops),
         "response_len_mean": share(total),
     }
+
+
+def completion_flags(seq: Completion, *, max_length: int, end_ids: Collection = (),
+                     rule: Optional[LoopRule] = None) -> dict:
+    """One completion's degeneration, as numbers a reward function can report per sample (verl averages them per
+    data source at validation): ``length_limit`` (1.0 if it hit ``max_length``, module docstring),
+    ``repetition_loop`` (1.0 if it ends in a loop) and ``response_tokens`` (its length). Same definitions as
+    :func:`degeneration_summary`, so that the mean of the flags over a batch is the summary's shares."""
+    end_ids = frozenset(end_ids)
+    length = len(seq)
+    hit = length >= max_length and length > 0 and seq[length - 1] not in end_ids
+    looped = find_terminal_loop(seq, rule, end_ids=end_ids) is not None
+    return {"length_limit": float(hit), "repetition_loop": float(looped), "response_tokens": float(length)}
+
+
+METRIC_PREFIX = "degeneration/"
+
+
+def degeneration_metrics(summary: dict, prefix: str = METRIC_PREFIX) -> dict[str, float]:
+    """A :func:`degeneration_summary` as tracker metrics: ``<prefix>length_limit_frac``, ``repetition_loop_frac``,
+    ``length_limit_loop_frac``, ``response_len_mean`` and ``empty`` (completions left out, so that what was skipped
+    is visible)."""
+    keys = ("length_limit_frac", "repetition_loop_frac", "length_limit_loop_frac", "response_len_mean", "empty")
+    return {prefix + key: float(summary[key]) for key in keys}

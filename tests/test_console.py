@@ -14,6 +14,8 @@ METRICS = {
     "ssopd/student_logp_sampled": -1.9,
     "ssopd/teacher_argmax_differs": 0.31,
     "ssopd/targets_skipped": 0.0,
+    "degeneration/repetition_loop_frac": 0.0625,
+    "degeneration/length_limit_frac": 0.125,
     "timing_s/step": 6.14,
     "ssopd/teacher_time_share": 0.18,
 }
@@ -23,7 +25,7 @@ def test_step_line_holds_the_numbers_that_matter():
     line = step_line(METRICS, 4, 8)
     assert line.startswith("ssopd  [#####-----]  4/8")
     for part in ("reward 0.410", "val 0.250", "pairs 5", "distill 0.0123", "kl 1.920", "teacher-student +0.800 nats",
-                 "argmax!= 0.31", "skipped 0", "step 6.1 s (teacher 18%)"):
+                 "argmax!= 0.31", "skipped 0", "loop 0.06", "cut 0.12", "step 6.1 s (teacher 18%)"):
         assert part in line, part
     assert "\n" not in line and len(line) < 250
 

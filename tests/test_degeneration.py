@@ -16,6 +16,8 @@ from ssopd_verl.degeneration import (
     TOKEN_RULE,
     Loop,
     LoopRule,
+    completion_flags,
+    degeneration_metrics,
     degeneration_summary,
     find_terminal_loop,
 )
@@ -259,3 +261,22 @@ def test_summary_of_nothing_and_bad_arguments():
         degeneration_summary([[1]], [True], max_length=4)  # both
     with pytest.raises(ValueError):
         degeneration_summary([[1], [2]], [True])  # one flag for two completions
+
+
+def test_per_completion_flags_average_to_the_summary():
+    """What the reward manager reports per sample (verl averages it at validation) and what the trainer logs per
+    step are the same definitions: the mean of the flags is the summary's shares."""
+    loop = _distinct(10, 3) + [7, 8, 9] * 8  # a loop, cut at the limit (24 tokens)
+    batch = [loop[:24], _distinct(100, 10) + [EOS], _distinct(200, 24), [EOS], _distinct(300, 5) + [7] * 19]
+    flags = [completion_flags(seq, max_length=24, end_ids={EOS, PAD}) for seq in batch]
+    summary = degeneration_summary(batch, max_length=24, end_ids={EOS, PAD})
+    assert [f["length_limit"] for f in flags] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [f["repetition_loop"] for f in flags] == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert summary["length_limit_frac"] == pytest.approx(np.mean([f["length_limit"] for f in flags]))
+    assert summary["repetition_loop_frac"] == pytest.approx(np.mean([f["repetition_loop"] for f in flags]))
+    assert summary["response_len_mean"] == pytest.approx(np.mean([f["response_tokens"] for f in flags]))
+    metrics = degeneration_metrics(summary)
+    assert metrics["degeneration/repetition_loop_frac"] == pytest.approx(0.4) and metrics["degeneration/empty"] == 0
+    assert set(metrics) == {"degeneration/length_limit_frac", "degeneration/repetition_loop_frac",
+                            "degeneration/length_limit_loop_frac", "degeneration/response_len_mean",
+                            "degeneration/empty"}  # fmt: skip

@@ -31,6 +31,15 @@
 #   DRY_RUN=1 (or --dry-run as the first argument): append `--cfg job`: verl composes and prints the config, and
 #                     nothing runs (no GPU, model or data needed).
 #   DRY_RUN=args      print the Hydra overrides, one per line, and run nothing (what the tests compose in-process)
+#   CPU_SMOKE=1       run the script for real on a CPU machine, shrunk: what cannot run there is substituted and
+#                     every other override of the script is passed as written (docs/reproduction.md lists them):
+#                       model and data -> the embedded tiny default (${ssopd_tiny:...}); +platform=cpu (CPU
+#                       platform, fp32, the transformers rollout `hf` instead of vLLM); GPUs -> 2 CPU ranks on
+#                       1 node; sizes scaled down (batch 8 prompts x 8, mini-batch 2 prompts: the same 4 updates
+#                       per step; prompt 64 + response 48 tokens; the token budget PPO_MAX_TOKEN_LEN in the same
+#                       ratio to prompt + response as the script's; DISTILL_TOKENS 16; 16 validation problems);
+#                       1 training step, no checkpoint, no in-training validation besides the one before training.
+#                     Any knob set in the environment still wins.
 #
 # Multi-node: start Ray yourself, then run the script on the head node with NNODES set; verl's `ray.init()` joins
 # the running cluster:   head:    ray start --head --port=6379
@@ -56,6 +65,19 @@ case "$MODEL_SIZE" in
     8b)   size_model=Qwen/Qwen3-8B size_nnodes=2 size_tp=2 size_gpu_util=0.5 size_max_tok=17408 size_offload=True ;;
     *) echo "unknown MODEL_SIZE=$MODEL_SIZE (1.7b | 4b | 8b)" >&2; exit 2 ;;
 esac
+
+# CPU_SMOKE=1: the substitutions for a CPU machine (above). Knobs already in the environment win.
+smoke_args=()
+if [[ "${CPU_SMOKE:-0}" == "1" ]]; then
+    # the script's token budget per GPU, in the same ratio to prompt + response (1024 + 16384) as on GPU
+    size_max_tok=$(( size_max_tok * (64 + 48) / (1024 + 16384) ))
+    size_nnodes=1
+    : "${MODEL_PATH:=\${ssopd_tiny:model_path\}}" "${TRAIN_FILES:=\${ssopd_tiny:train_file\}}"
+    : "${VAL_FILES:=\${ssopd_tiny:val_file\}}" "${N_GPUS_PER_NODE:=2}" "${TRAIN_BATCH_SIZE:=8}"
+    : "${PPO_MINI_BATCH_SIZE:=2}" "${MAX_PROMPT_LENGTH:=64}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=1}"
+    : "${SAVE_FREQ:=-1}" "${TEST_FREQ:=-1}" "${DISTILL_TOKENS:=16}" "${ROLLOUT_NAME:=hf}"
+    smoke_args=(+platform=cpu data.val_max_samples=16)
+fi
 
 SCRIPT_NAME=$(basename "$0" .sh)
 PYTHON=${PYTHON:-python3}
@@ -90,6 +112,7 @@ TOTAL_STEPS=${TOTAL_STEPS:-300}
 SAVE_FREQ=${SAVE_FREQ:-50}
 TEST_FREQ=${TEST_FREQ:-25}
 VAL_N=${VAL_N:-4}                                # in-training validation samples (final numbers: scripts/evaluate.py)
+ROLLOUT_NAME=${ROLLOUT_NAME:-vllm}
 ROLLOUT_TP=${ROLLOUT_TP:-$size_tp}
 GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-$size_gpu_util}
 PPO_MAX_TOKEN_LEN=${PPO_MAX_TOKEN_LEN:-$size_max_tok}
@@ -97,6 +120,7 @@ OFFLOAD=${OFFLOAD:-$size_offload}
 
 base_args=(
     +recipe=ssopd
+    "${smoke_args[@]}"
     # data: one user turn ending in the boxed-answer instruction; Qwen3 thinking mode on (as in evaluation)
     data.train_files="$TRAIN_FILES"
     data.val_files="$VAL_FILES"
@@ -125,7 +149,7 @@ base_args=(
     actor_rollout_ref.actor.fsdp_config.param_offload="$OFFLOAD"
     actor_rollout_ref.actor.fsdp_config.optimizer_offload="$OFFLOAD"
     # rollout: vLLM, grouped sampling at temperature 1.0 (GRPO groups = SSOPD groups)
-    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.name="$ROLLOUT_NAME"
     actor_rollout_ref.rollout.n="$ROLLOUT_N"
     actor_rollout_ref.rollout.temperature=1.0
     actor_rollout_ref.rollout.top_p=1.0

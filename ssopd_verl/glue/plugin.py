@@ -3,6 +3,7 @@
 It registers, through verl's own registries:
 * the advantage estimator `ssopd` (`core_algos.register_adv_est`),
 * the trainer mode `ssopd` (`trainer.ppo.v1.register_trainer`),
+* the reward manager `ssopd` (verl's reward-manager registry: the naive manager plus degeneration flags),
 * from the CPU runtime `ssopd_verl.cpu` (a CPU backend for verl, not part of SSOPD): a CPU platform and CPU FSDP
   engines, used only when `VERL_PLATFORM=cpu`, and the rollout backend `hf` on transformers `generate`,
 * the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` overlay uses for the embedded model and data.
@@ -57,6 +58,7 @@ def register() -> None:
     from ssopd_verl.glue import estimator
 
     estimator.register()
+    import ssopd_verl.glue.reward_manager  # noqa: F401  (registers the reward manager on import)
     import ssopd_verl.glue.trainer  # noqa: F401  (registers the trainer mode on import)
     from ssopd_verl.cpu.rollout import register_hf_rollout
 

@@ -7,7 +7,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 * `_compute_advantage`: after verl computes the GRPO advantages (through our `ssopd` estimator), pair the
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
   to the batch (`distill_plan.plan_distillation`); count the completions whose grading timed out, was skipped
-  or failed (`reward/grading_*`, from the grader's reward_extra_info; verl logs those for validation only).
+  or failed (`reward/grading_*`, from the grader's reward_extra_info; verl logs those for validation only), and
+  measure their degeneration (`degeneration/*`: length-limit hits, repetition loops, mean length).
   This runs after `_balance_batch`, so the rows verl pads and reorders already carry their final fields; padding
   rows get weight 0.
 * `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`; every
@@ -37,6 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from ssopd_verl import console
 from ssopd_verl.config import SSOPDConfig
+from ssopd_verl.degeneration import degeneration_metrics, degeneration_summary
 from ssopd_verl.distill_plan import plan_distillation
 from ssopd_verl.evaluation.grading import GRADING_FLAGS
 from ssopd_verl.glue import estimator
@@ -49,6 +51,7 @@ from ssopd_verl.glue.actor_loss import (
     finalize_metrics,
 )
 from ssopd_verl.glue.checks import check_config, plain as _plain, startup_warnings, warn_if_teacher_may_not_fit
+from ssopd_verl.glue.reward_manager import end_token_ids
 from ssopd_verl.glue.worker import SSOPDActorRolloutRefWorker
 
 TRAINER_MODE = "ssopd"
@@ -180,6 +183,12 @@ class SSOPDTrainer(PPOTrainerSync):
             rng=rng,
         )
         metrics.update(plan.metrics)
+        # Degeneration of the step's completions (length-limit hits, terminal repetition loops, mean length),
+        # padding rows left out; bounded per completion by the loop test's tail window.
+        real_ids = [ids for ids, tag in zip(response_ids, batch.tags) if not tag.get("is_padding", False)]
+        metrics.update(degeneration_metrics(degeneration_summary(
+            real_ids, max_length=self.config.actor_rollout_ref.rollout.response_length,
+            end_ids=end_token_ids(self.tokenizer))))  # fmt: skip
         extra = data["extra_fields"]
         extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
         real = [getattr(e, "data", e) for e, tag in zip(extra, batch.tags) if not tag.get("is_padding", False)]

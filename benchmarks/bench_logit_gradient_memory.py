@@ -1,0 +1,145 @@
+"""Extra peak memory of SSOPD's distillation term over GRPO's, in a micro-batch of verl's shape, in logits units.
+
+What is measured (one subprocess per variant, CPU, peak resident memory as in bench_distill_loss.py): one
+forward + backward over a micro-batch's student logits, as verl's FSDP engine runs them in an SSOPD update:
+
+* ``grpo``: verl's own log-prob path (``verl.utils.torch_functional.logprobs_from_logits``, the pure-PyTorch path
+  that ``VERL_DISABLE_FLASH_ATTN_CE=1`` selects) and a policy-gradient-like sum over the log-probs, backward;
+* ``ssopd``: the same, plus SSOPD's logits hook on a view of the same logits, as the engine calls it
+  (``chunked_clipped_forward_kl`` on the distilled positions of one target, teacher states and lm_head weight
+  given), with the loss's gradient sink when the implementation has one.
+
+The extra peak of ``ssopd`` over ``grpo`` is reported in units of one [tokens x vocabulary] logits tensor of the
+logits' dtype (bf16, as on GPU). With ``--losses FILE`` the loss module is loaded from FILE instead of the package,
+to measure an earlier implementation in the same run, e.g. the one before the gradient sink:
+
+    git show 38e54f6:ssopd_verl/losses.py > /tmp/losses_before.py
+    .venv/bin/python benchmarks/bench_logit_gradient_memory.py --losses-before /tmp/losses_before.py \
+        --json benchmarks/results/logit_gradient_memory.json
+
+Default shape, the 8B launch script's micro-batch (``PPO_MAX_TOKEN_LEN=17408`` student + teacher tokens per GPU
+with ``teacher_in_token_budget``; SETUP=reported distils the first 2,048 tokens of a target): 10,240 student
+positions of which 2,048 distilled, hidden 4,096, vocabulary 151,936, bf16 logits. The policy path here is
+verl's CPU fallback (a row-wise log_softmax whose backward stacks the row gradients); on GPU flash-attn's
+cross-entropy writes its gradient in place, so GRPO's own peak there is lower, but the distillation term's
+*extra* is the same: the buffer it holds and what its backward allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_distill_loss import PeakRSS  # noqa: E402  (resident-memory peak of a block, same method)
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses_module(path):
+    if path is None:
+        sys.path.insert(0, _REPO)
+        import ssopd_verl.losses as module
+
+        return module
+    spec = importlib.util.spec_from_file_location("losses_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_variant(variant: str, args) -> dict:
+    import torch
+
+    os.environ["VERL_DISABLE_FLASH_ATTN_CE"] = "1"
+    from verl.utils.torch_functional import logprobs_from_logits
+
+    losses = _losses_module(args.losses)
+    sink = "gradient_sink" in inspect.signature(losses.chunked_clipped_forward_kl).parameters
+    torch.manual_seed(0)
+    m, n, v, h = args.tokens, args.distilled, args.vocab, args.hidden
+    weight = torch.empty(v, h, dtype=torch.bfloat16).normal_().div_(h**0.5)
+
+    def inputs(m, n):
+        # The logits as the engine holds them: one (M, V) bf16 tensor with a gradient (here a leaf; the hook's
+        # argument is a view of it, as in verl, where it is a view of the lm_head's output).
+        return dict(logits=torch.empty(m, v, dtype=torch.bfloat16).normal_().requires_grad_(True),
+                    labels=torch.randint(0, v, (m,)), advantages=torch.randn(m),
+                    rows=torch.arange(m - n, m),  # one target's distilled positions, at the end of the micro-batch
+                    states=torch.empty(n, h, dtype=torch.bfloat16).normal_(), temperature=torch.ones(n))  # fmt: skip
+
+    def step(logits, labels, advantages, rows, states, temperature):
+        total = (logprobs_from_logits(logits, labels) * advantages).sum()  # the policy loss's path
+        if variant == "ssopd":
+            view = logits.unsqueeze(0)  # what the engine hands the hook
+            kwargs = {"gradient_sink": logits} if sink else {}
+            terms = losses.chunked_clipped_forward_kl(view.squeeze(0), states, weight, temperature=temperature,
+                                                      student_prescaled=True, student_rows=rows, **kwargs)  # fmt: skip
+            total = total + terms.loss.sum()
+        total.backward()
+
+    step(**inputs(8, 4))  # warm-up: one-time allocations (kernels, thread pools) are not the loss's
+    batch = inputs(m, n)
+    logits = batch["logits"]
+    with PeakRSS() as mem:
+        step(**batch)
+    unit_mb = m * v * logits.element_size() / 2**20
+    return {"variant": variant, "losses": args.losses or "ssopd_verl.losses", "gradient_sink": sink,
+            "extra_peak_mb": mem.extra_mb, "logits_unit_mb": unit_mb,
+            "grad_checksum": float(logits.grad.float().abs().sum())}  # fmt: skip
+
+
+def measure(variant: str, losses, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--tokens", str(args.tokens),
+           "--distilled", str(args.distilled), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]  # fmt: skip
+    if losses:
+        cmd += ["--losses", losses]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"variant": variant, "losses": losses, "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=10240, help="student positions in the micro-batch (M)")
+    p.add_argument("--distilled", type=int, default=2048, help="distilled positions among them (N)")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--losses", default=None, help=argparse.SUPPRESS)  # internal: the subprocess's module
+    p.add_argument("--losses-before", default=None, help="an earlier losses.py to measure beside the current one")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args)))
+        return
+    results = {"shape": {k: getattr(args, k) for k in ("tokens", "distilled", "vocab", "hidden")}, "runs": []}
+    grpo = measure("grpo", None, args)
+    results["runs"].append(grpo)
+    for label, losses in (("before", args.losses_before), ("after", None)):
+        if label == "before" and not losses:
+            continue
+        run = measure("ssopd", losses, args)
+        run["label"] = label
+        if "error" not in run and "error" not in grpo:
+            run["extra_over_grpo_logits_units"] = (run["extra_peak_mb"] - grpo["extra_peak_mb"]) / run["logits_unit_mb"]
+        results["runs"].append(run)
+    by = {r.get("label"): r for r in results["runs"] if r.get("label")}
+    if {"before", "after"} <= by.keys() and all("extra_over_grpo_logits_units" in by[k] for k in ("before", "after")):
+        results["after_over_before"] = by["after"]["extra_over_grpo_logits_units"] / by["before"]["extra_over_grpo_logits_units"]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
