@@ -34,6 +34,19 @@ How much clipping happens is reported as the *clipped mass*, the share of the te
 in clipped entries: pointwise ``sum_v p_T[v] * 1[d[v] > tau]``; token ``1[sum_v d[v] > tau]``; none 0. (The
 share of vocabulary *entries* clipped, an earlier metric, reads ~0 for any 152k vocabulary and says nothing.)
 
+Which way the gradient points. Gradient descent moves ``z_j`` against ``dl/dz_j``. The exact forward KL moves it
+toward the teacher: up where ``p_S[j] < p_T[j]``. An entry is *reversed* when the configured loss pushes it down
+(``dl/dz_j = p_S[j] W - w[j] > 0``, ``W = sum_v w[v]``) although the exact KL pushes it up (``p_S[j] < p_T[j]``).
+Two per-position diagnostics: ``teacher_argmax_reversed`` (1.0 when the teacher's most likely token ``a`` is
+reversed, computed from ``p_S[a]``, ``p_T[a]``, ``w[a]`` and ``W``) and ``reversed_teacher_mass`` (``sum_v p_T[v]``
+over the reversed entries). Closed forms: with ``clip="none"`` and ``"token"`` nothing is ever reversed (the
+gradient is ``p_S - p_T``, or 0 on a clipped row). With ``"pointwise"`` the reversed entries are exactly the
+clipped ones, as long as ``W > 0``: a clipped entry has ``d[j] > tau > 0``, so ``p_T[j] > p_S[j]`` (the KL wants it
+up), and its gradient ``p_S[j] W`` is positive; an unclipped entry with ``p_S[j] W - p_T[j] > 0`` has
+``p_S[j] > p_T[j] / W >= p_T[j]``, so the KL wants it down too. Hence ``reversed_teacher_mass = clipped_mass *
+1[W > 0]`` there (Huang et al. 2026's result, per position). With ``topk`` both are computed over the k + 1 coarse
+entries (the tail bucket as one entry). The tests check all of it against autograd on constructed distributions.
+
 A position whose teacher logits hold a NaN or +inf (or no finite entry at all) has no teacher distribution:
 its loss is 0, its gradient is 0, and it is flagged (``teacher_nonfinite``) rather than poisoning the batch.
 
@@ -187,6 +200,10 @@ class ForwardKLTerms(NamedTuple):
     loss: torch.Tensor  # clipped loss l (see module docstring); the only field with a gradient
     kl: torch.Tensor  # unclipped forward KL sum_v d[v] (over the k + 1 entries with topk)
     clipped_mass: torch.Tensor  # teacher probability in clipped entries (pointwise) / 1.0 if clipped (token) / 0
+    # "Which way" (module docstring): 1.0 where the loss pushes the logit of the teacher's most likely token down
+    # while the exact forward KL would push it up; the teacher probability in all entries so reversed.
+    teacher_argmax_reversed: torch.Tensor
+    reversed_teacher_mass: torch.Tensor
     teacher_nonfinite: torch.Tensor  # bool: the teacher logits had a NaN or +inf, or no finite entry
     # Only with sampled_ids (else None), at the loss temperature:
     teacher_logp_sampled: Optional[torch.Tensor] = None  # log p_T[sampled token]
@@ -330,16 +347,19 @@ def _logsumexp(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     return torch.sub(x, shift, out=work).exp_().sum(-1, keepdim=True).log_().add_(shift)
 
 
-def _chunk_loss(logp_t, logp_s, work, mask, tau: float, clip: str, topk: Optional[int], need_grad: bool):
+def _chunk_loss(logp_t, logp_s, work, mask, tau: float, clip: str, topk: Optional[int], need_grad: bool, argmax):
     """Loss terms and gradient for one chunk, given both sides' log-probabilities (rows, V).
 
     Works in place: ``logp_t`` and the scratch buffers ``work`` (float, like logp_t) and ``mask`` (bool; only
-    needed by the exact pointwise clip) are consumed; ``logp_s`` is turned into the gradient dl/dz when ``need_grad``. Both log-probabilities must be
-    clamped to finite values (so that 0 * (log 0 - log 0) reads 0, not NaN).
-    Returns (loss, kl, clipped_mass, grad_or_None).
+    needed by the exact pointwise clip) are consumed; ``logp_s`` is turned into the gradient dl/dz when
+    ``need_grad``. Both log-probabilities must be clamped to finite values (so that 0 * (log 0 - log 0) reads 0,
+    not NaN). ``argmax``: (rows,) the teacher's most likely entry.
+    Returns (loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad_or_None) (module docstring, "Which way").
     """
     if topk is not None:
         return _chunk_loss_topk(logp_t, logp_s, tau, clip, topk, need_grad)
+    a = argmax.unsqueeze(-1)
+    logp_t_a, logp_s_a = logp_t.gather(-1, a), logp_s.gather(-1, a)  # before the buffers are reused
     p_t = torch.exp(logp_t, out=work)
     d = logp_t.sub_(logp_s).mul_(p_t)  # d = p_T (log p_T - log p_S), in logp_t's storage
     kl = d.sum(-1)
@@ -356,12 +376,19 @@ def _chunk_loss(logp_t, logp_s, work, mask, tau: float, clip: str, topk: Optiona
         weights = p_t
         if clip == "token":  # m = 1[kl <= tau] per row
             weights.mul_((kl <= tau).unsqueeze(-1))
+    total = weights.sum(-1, keepdim=True)
+    # Which way the configured loss moves the teacher's argmax logit: dl/dz_a = p_S[a] W - w[a] (> 0: down),
+    # while the exact forward KL's p_S[a] - p_T[a] < 0 wants it up.
+    push_a = logp_s_a.exp() * total - weights.gather(-1, a)
+    argmax_reversed = ((push_a > 0) & (logp_s_a < logp_t_a)).squeeze(-1).to(kl.dtype)
+    # Every entry pushed against the exact KL: the clipped ones, when any teacher mass is left unclipped (W > 0);
+    # never with clip="token" or "none" (module docstring, "Which way").
+    reversed_mass = clipped_mass * (total.squeeze(-1) > 0) if clip == "pointwise" else torch.zeros_like(kl)
     grad = None
     if need_grad:
         # dl/dz = p_S * sum_v w[v] - w, built in logp_s's storage.
-        total = weights.sum(-1, keepdim=True)
         grad = logp_s.exp_().mul_(total).sub_(weights)
-    return loss, kl, clipped_mass, grad
+    return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad
 
 
 def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
@@ -392,17 +419,25 @@ def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
     else:
         clipped_mass = torch.zeros_like(kl)
         weights = p_t_k
+    total = weights.sum(-1, keepdim=True)
+    # Which way, over the k + 1 coarse entries (the tail bucket as one entry): pushed down by the loss
+    # (P_S W - w > 0) where the exact KL of the coarse distributions wants it up (P_S < P_T).
+    p_s_k = torch.cat([top_p_s, tail_s], dim=-1)
+    against = (p_s_k * total - weights > 0) & (p_s_k < p_t_k)
+    top1 = top_logp_t.argmax(-1, keepdim=True)  # the teacher's argmax is its top-1 entry
+    argmax_reversed = against[:, :-1].gather(-1, top1).squeeze(-1).to(kl.dtype)
+    reversed_mass = (p_t_k * against).sum(-1)
     grad = None
     if need_grad:
-        total = weights.sum(-1, keepdim=True)
         # a = w_tail / P_S[tail]; 0 when the tail has no student mass (then w_tail * p_S[j] / P_S[tail] is 0/0
         # on every tail entry, whose p_S[j] are all 0).
         tail_w = weights[:, -1:]
         a = torch.where(tail_s > 0, tail_w / tail_s.clamp(min=torch.finfo(tail_s.dtype).tiny), 0.0)
         grad = p_s.mul_(total - a).scatter_add_(-1, idx, top_p_s * a - weights[:, :-1])
-    return loss, kl, clipped_mass, grad
+    return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad
 
 
+_ALWAYS = ("loss", "kl", "clipped_mass", "teacher_argmax_reversed", "reversed_teacher_mass")  # _chunk_loss's order
 _DIAGNOSTICS = ("teacher_logp_sampled", "student_logp_sampled", "teacher_argmax_differs")
 
 
@@ -426,7 +461,7 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
     if per_row:
         temperature = temperature.to(device=device, dtype=dtype)
 
-    out = {name: torch.zeros(n, dtype=dtype, device=device) for name in ("loss", "kl", "clipped_mass")}
+    out = {name: torch.zeros(n, dtype=dtype, device=device) for name in _ALWAYS}
     out["teacher_nonfinite"] = torch.zeros(n, dtype=torch.bool, device=device)
     if sampled_ids is not None:
         out.update({name: torch.zeros(n, dtype=dtype, device=device) for name in _DIAGNOSTICS})
@@ -488,20 +523,20 @@ def _forward_pass(student, hidden, weight, bias, rows, temperature, prescaled, s
             logp_s.div_(t)
         logp_s.sub_(_logsumexp(logp_s, work))
 
+        argmax = logp_t.argmax(-1)
         if sampled_ids is not None:  # diagnostics, before the clamp below turns log 0 into a finite number
             ids = sampled_ids[lo:hi].unsqueeze(-1)
             out["teacher_logp_sampled"][lo:hi] = logp_t.gather(-1, ids).squeeze(-1)
             out["student_logp_sampled"][lo:hi] = logp_s.gather(-1, ids).squeeze(-1)
-            argmax = logp_t.argmax(-1)
             out["teacher_argmax"][lo:hi] = argmax
             out["teacher_argmax_differs"][lo:hi] = (argmax != ids.squeeze(-1)).to(dtype)
         logp_t.clamp_(min=log_zero)
         logp_s.clamp_(min=log_zero)
 
         mask = scratch.get("mask", c, torch.bool) if clip == "pointwise" and topk is None else None
-        loss, kl, clipped_mass, g = _chunk_loss(logp_t, logp_s, work, mask, tau, clip, topk, need_grad)
+        *values, g = _chunk_loss(logp_t, logp_s, work, mask, tau, clip, topk, need_grad, argmax)
         bad = bad.squeeze(-1)
-        for name, value in (("loss", loss), ("kl", kl), ("clipped_mass", clipped_mass)):
+        for name, value in zip(_ALWAYS, values, strict=True):
             out[name][lo:hi] = value.masked_fill(bad, 0.0)
         out["teacher_nonfinite"][lo:hi] = bad
         if sampled_ids is not None:

@@ -544,6 +544,68 @@ def test_gradient_flows_through_a_non_leaf():
     torch.testing.assert_close(x.grad, x_ref.grad, **FP64)
 
 
+# ---------------------------------------------------------------- which way the gradient points
+
+
+def reference_reversals(student, teacher, tau, clip, temperature):
+    """From autograd on the float64 reference: the entries the configured loss pushes down (dl/dz > 0) while the
+    exact forward KL pushes them up (dKL/dz < 0); per row, whether the teacher's argmax is one, and their
+    teacher mass."""
+    def grad(mode):
+        s = student.clone().requires_grad_(True)
+        ref_loss(s, teacher, tau, mode, temperature).sum().backward()
+        return s.grad
+
+    reversed_ = (grad(clip) > 0) & (grad("none") < 0)
+    p_t = torch.softmax(teacher / temperature, -1)
+    argmax = teacher.argmax(-1, keepdim=True)
+    return reversed_.gather(-1, argmax).squeeze(-1).double(), (p_t * reversed_).sum(-1)
+
+
+@pytest.mark.parametrize("clip", CLIP_MODES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reversed_directions_match_autograd(clip, temperature):
+    """teacher_argmax_reversed and reversed_teacher_mass against the gradients' signs from autograd, per clip
+    mode: the pointwise clip reverses exactly where the closed form says (its clipped entries: the mass equals the
+    clipped mass), the other modes never."""
+    n, v, h = 24, 60, 8
+    student, hidden, weight, _ = make_chunked_inputs(31, n, v, h)
+    teacher = hidden @ weight.T
+    terms = chunked_clipped_forward_kl(student, hidden, weight, tau=TAU, clip=clip, temperature=temperature,
+                                       chunk_size=5)  # fmt: skip
+    argmax_rev, mass = reference_reversals(student, teacher, TAU, clip, temperature)
+    torch.testing.assert_close(terms.teacher_argmax_reversed, argmax_rev, **FP64)
+    torch.testing.assert_close(terms.reversed_teacher_mass, mass, **FP64)
+    if clip == "pointwise":
+        assert terms.teacher_argmax_reversed.sum() >= 1 and (mass > 0).any()  # the test data shows reversals
+        torch.testing.assert_close(terms.reversed_teacher_mass, terms.clipped_mass, **FP64)
+    else:
+        assert not terms.teacher_argmax_reversed.any() and not terms.reversed_teacher_mass.any()
+    # topk = V is the exact loss: the coarse reversals equal the exact ones
+    full = chunked_clipped_forward_kl(student, hidden, weight, tau=TAU, clip=clip, temperature=temperature, topk=v)
+    torch.testing.assert_close(full.teacher_argmax_reversed, terms.teacher_argmax_reversed, **FP64)
+    torch.testing.assert_close(full.reversed_teacher_mass, terms.reversed_teacher_mass, **FP64)
+
+
+def test_pointwise_clip_reverses_the_teachers_choice_on_a_constructed_position():
+    """One position, three tokens: the teacher is sure of token 0 (0.9), the student is not (0.1). Its forward-KL
+    term 0.9 * log 9 = 1.98 is far above tau: pointwise clipping zeroes the pull on token 0 and keeps the push
+    p_S[0] * W, so token 0's logit goes *down*; the exact KL (and clip="none") raises it."""
+    p_t = torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64)
+    p_s = torch.tensor([[0.1, 0.45, 0.45]], dtype=torch.float64)
+    hidden, weight = p_t.log(), torch.eye(3, dtype=torch.float64)  # teacher logits = log p_T
+    for clip, expected in (("pointwise", 1.0), ("token", 0.0), ("none", 0.0)):
+        s = p_s.log().clone().requires_grad_(True)
+        terms = chunked_clipped_forward_kl(s, hidden, weight, tau=TAU, clip=clip)
+        terms.loss.sum().backward()
+        assert terms.teacher_argmax_reversed.item() == expected, clip
+        if clip == "pointwise":
+            assert s.grad[0, 0] > 0  # pushed down
+            assert terms.reversed_teacher_mass.item() == pytest.approx(0.9)  # only token 0 is clipped
+        elif clip == "none":
+            assert s.grad[0, 0] < 0  # pulled up
+
+
 # ---------------------------------------------------------------- memory boundedness
 
 

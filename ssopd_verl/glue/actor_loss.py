@@ -71,6 +71,10 @@ DIAGNOSTICS = {
     "ssopd_teacher_logp": "teacher_logp_sampled",  # log p_T of the token the student sampled
     "ssopd_student_logp": "student_logp_sampled",  # log p_S of that token
     "ssopd_argmax_differs": "teacher_argmax_differs",  # 1 where the teacher's argmax is another token
+    # which way the clipped loss pushes (ssopd_verl.losses, "Which way"): 1 where the teacher's argmax logit is
+    # pushed down although the exact forward KL would raise it; teacher mass in all entries pushed that way
+    "ssopd_argmax_reversed": "teacher_argmax_reversed",
+    "ssopd_reversed_mass": "reversed_teacher_mass",
 }
 OUT_NONFINITE = "ssopd_teacher_nonfinite"  # 1 at positions whose teacher logits were NaN/inf (masked out)
 # Worker-level metric keys behind the per-position means: `finalize_metrics` turns SUM_PREFIX + name / COUNT into
@@ -180,6 +184,8 @@ class SSOPDActorLoss:
             "ssopd_teacher_logp": place(terms.teacher_logp_sampled),
             "ssopd_student_logp": place(terms.student_logp_sampled),
             "ssopd_argmax_differs": place(terms.teacher_argmax_differs),
+            "ssopd_argmax_reversed": place(terms.teacher_argmax_reversed),
+            "ssopd_reversed_mass": place(terms.reversed_teacher_mass),
             OUT_NONFINITE: place(terms.teacher_nonfinite),
             OUT_ARGMAX: place(terms.teacher_argmax),  # token ids < 2**24: exact in float32
         }
