@@ -1,9 +1,15 @@
-"""The three real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
+"""The real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
 
 * A, the README's main job: validation, 3 steps, a checkpoint at step 2 (and at the end), a token view at step 2.
 * C resumes from A's step-2 checkpoint alone, in a fresh directory, for step 3.
 * E, the experiment command at 2 steps for ``ssopd-initial`` (LoRA, initial teacher, a distillation horizon),
   with dynamic batching that counts the teacher tokens.
+* Two ranks (``trainer.n_gpus_per_node=2``), 2 steps each, one rollout replica over both ranks (rollout tensor
+  parallel 2, so that they sample what the one-rank run A samples): B, data parallel 2 with the recipe's defaults;
+  S, Ulysses sequence parallel 2.
+* L, the nine launch scripts shrunk for CPU (``CPU_SMOKE=1``, ``scripts/launch/common.sh``), one step each, two
+  ranks: dynamic batching with a budget that gives rows micro-batches of their own, LoRA with the initial teacher
+  and a distillation horizon (SETUP=reported), parameter and optimizer offload on the 8B scripts.
 
 Each writes its log (``ROOT/<run>/main_ppo.log``) and verl's file tracker under ROOT. ``tests/conftest.py`` starts
 this in a background process when the e2e tests are collected (after building the tiny default), so that the runs
@@ -58,13 +64,38 @@ def tracker(path: Path) -> dict[int, dict]:
     return steps
 
 
+LAUNCH = REPO / "scripts" / "launch"
+LAUNCH_SCRIPTS = [f"qwen3_{size}_{method}" for size in ("1.7b", "4b", "8b") for method in ("grpo", "opsd", "ssopd")]
+# one rollout replica over both ranks: it samples what the one-rank run samples (ssopd_verl.cpu.rollout)
+TWO_RANKS = ("trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2")
+ULYSSES = ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+           "actor_rollout_ref.model.override_config.attn_implementation=ulysses_sdpa")  # fmt: skip
+
+
 def metrics(root: Path) -> dict:
-    """What the three runs logged, by step: {"main", "resumed", "experiment"}."""
+    """What the runs logged, by step: {"main", "resumed", "experiment", "dp2", "sp2", "launch": {script: ...}}."""
     return {
         "main": tracker(root / "a" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "resumed": tracker(root / "c" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "experiment": tracker(root / EXPERIMENT_TRACKER),
+        "dp2": tracker(root / "b" / PROJECT / f"{EXPERIMENT}.jsonl"),
+        "sp2": tracker(root / "s" / PROJECT / f"{EXPERIMENT}.jsonl"),
+        "launch": {name: tracker(root / "launch" / "logs" / "ssopd" / f"{name}.jsonl") for name in LAUNCH_SCRIPTS},
     }
+
+
+def launch_script(root: Path, name: str) -> None:
+    """One of the nine launch scripts, shrunk for CPU (CPU_SMOKE=1), from a directory of its own."""
+    workdir = root / "launch" / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    env.update(CPU_SMOKE="1", PYTHON=sys.executable, LOG_DIR=str(root / "launch" / "logs"),
+               CKPT_ROOT=str(root / "launch" / "checkpoints"))  # fmt: skip
+    proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh"), f"hydra.run.dir={workdir / 'hydra'}"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    (workdir / "main_ppo.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RunFailed(f"{name} (CPU_SMOKE=1) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
 def run_all(root: Path) -> None:
@@ -78,6 +109,11 @@ def run_all(root: Path) -> None:
     (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
     main_ppo(root / "c", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.test_freq=-1",
              "trainer.val_before_train=false", "trainer.resume_mode=auto", "actor_rollout_ref.rollout.seed=0")
+    for name, extra in (("b", ()), ("s", ULYSSES)):
+        main_ppo(root / name, "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.test_freq=-1",
+                 "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0", *TWO_RANKS, *extra)  # fmt: skip
+    for name in LAUNCH_SCRIPTS:
+        launch_script(root, name)
     (root / "e").mkdir(parents=True, exist_ok=True)
     run([sys.executable, str(REPO / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
          "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",

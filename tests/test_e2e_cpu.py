@@ -26,7 +26,7 @@ import re
 import pytest
 
 import e2e_runs
-from e2e_runs import TOKEN_BUDGET
+from e2e_runs import LAUNCH_SCRIPTS, TOKEN_BUDGET
 
 # decided by the samples alone: must be equal between runs that sampled the same completions
 SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean", "ssopd/target_len_mean",
@@ -35,6 +35,19 @@ SAMPLE_METRICS = ("ssopd/pairs", "ssopd/frontier_frac", "ssopd/witness_len_mean"
 # Equal up to the order of float32 sums (verl orders a batch by completion time): both are means of per-token terms
 # of order 1 that nearly cancel, so a different row order moves them by ~1e-8 absolute.
 LOSS_METRICS = ("actor/pg_loss", "ssopd/distill_loss")
+# Means over the distilled positions, the same whatever the layout (sums and counts, ssopd_verl.glue.actor_loss)
+POSITION_MEANS = ("ssopd/kl_unclipped", "ssopd/clipped_teacher_mass", "ssopd/teacher_logp_sampled",
+                  "ssopd/student_logp_sampled", "ssopd/teacher_argmax_differs", "ssopd/teacher_argmax_reversed",
+                  "ssopd/reversed_teacher_mass")  # fmt: skip
+SHARES = ("ssopd/frontier_frac", "ssopd/teacher_argmax_differs", "ssopd/clipped_teacher_mass",
+          "ssopd/teacher_argmax_reversed", "ssopd/reversed_teacher_mass", "ssopd/truncated_frac",
+          "degeneration/length_limit_frac", "degeneration/repetition_loop_frac")  # fmt: skip
+
+
+def assert_shares_in_unit_interval(metrics: dict) -> None:
+    for key in SHARES:
+        if key in metrics:
+            assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
 
 
 def validation(metrics: dict) -> dict:
@@ -132,3 +145,39 @@ def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon
     assert validation(lora[2])
     text = (runs["root"] / "evidence.md").read_text()
     assert "| ssopd-initial | 1 |" in text and (runs["root"] / "e" / "evidence.png").exists()
+
+
+@pytest.mark.parametrize("layout", ["dp2", "sp2"])
+def test_two_ranks_log_what_one_rank_logs_on_the_same_batch(runs, layout):
+    """B (data parallel 2, the recipe's defaults: it crashed at the first update before) and S (Ulysses sequence
+    parallel 2) sample what the one-rank main job A samples at step 1 (one rollout replica), so every ssopd/*
+    metric of that step must read the same: the sample-derived ones exactly, the losses and the per-position means
+    to fp32 summation order (rel 1e-4: the micro-batches and their packing differ)."""
+    one, two = runs["main"], runs[layout]
+    assert sorted(s for s, data in two.items() if "ssopd/pairs" in data) == [1, 2]
+    assert_same_samples(one[1], two[1])
+    for key in LOSS_METRICS + POSITION_MEANS + ("ssopd/teacher_nonfinite", "degeneration/repetition_loop_frac"):
+        assert math.isclose(two[1][key], one[1][key], rel_tol=1e-4, abs_tol=1e-6), (key, one[1][key], two[1][key])
+    for step in (1, 2):
+        ssopd = {k: v for k, v in two[step].items() if k.startswith(("ssopd/", "degeneration/"))}
+        assert all(math.isfinite(v) for v in ssopd.values()), ssopd
+        assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/distill_loss"] != 0
+        assert_shares_in_unit_interval(two[step])
+    assert_shares_in_unit_interval(one[1])
+
+
+@pytest.mark.parametrize("name", LAUNCH_SCRIPTS)
+def test_launch_script_runs_shrunk_on_two_cpu_ranks(runs, name):
+    """Each launch script through main_ppo on two CPU ranks (CPU_SMOKE=1: only what cannot run on CPU substituted;
+    its dynamic batching, LoRA + initial teacher + distillation horizon, offload on the 8B scripts kept): validation
+    before training and one step with the method's terms."""
+    steps = runs["launch"][name]
+    assert validation(steps[0]) and 1 in steps
+    step = steps[1]
+    assert math.isfinite(step["actor/pg_loss"]) and step["ssopd/groups"] == 8
+    assert_shares_in_unit_interval(step)
+    if name.endswith("_grpo"):  # ssopd.lambda=0: GRPO through the same trainer, nothing distilled
+        assert "ssopd/distill_loss" not in step
+        return
+    assert step["ssopd/pairs"] >= 1 and math.isfinite(step["ssopd/distill_loss"]) and step["ssopd/distill_loss"] != 0
+    assert step["ssopd/distilled_tokens"] <= 16 * step["ssopd/pairs"]  # the shrunk distillation horizon

@@ -59,6 +59,7 @@ def composed(tmp_path_factory):
     real = _launch("qwen3_4b_ssopd", cwd, passthrough_env, "--dry-run", *passthrough)  # runs while we compose
     procs = {name: _launch(name, cwd, {**env, "DRY_RUN": "args"}) for name in SCRIPTS}
     procs["full"] = _launch("qwen3_8b_ssopd", cwd, {**env, "DRY_RUN": "args", "SETUP": "full"})
+    procs["smoke"] = _launch("qwen3_8b_ssopd", cwd, {**env, "DRY_RUN": "args", "CPU_SMOKE": "1"})
     procs["passthrough"] = _launch("qwen3_4b_ssopd", cwd, {**passthrough_env, "DRY_RUN": "args"}, *passthrough)
     out = {}
     for name, proc in procs.items():
@@ -194,3 +195,48 @@ def test_variant_scripts_differ_only_in_their_method_lines():
         lines = [l for l in (LAUNCH / f"{name}.sh").read_text().splitlines() if l and not l.startswith("#")]
         assert lines[0].startswith("MODEL_SIZE=") and lines[1].startswith("METHOD_ARGS=")
         assert lines[2:] == ['source "$(dirname "${BASH_SOURCE[0]}")/common.sh"'], name
+
+
+# What CPU_SMOKE=1 substitutes (common.sh, docs/reproduction.md); everything else is the script's own override.
+SMOKE_SUBSTITUTES = {
+    "actor_rollout_ref.model.path": "${ssopd_tiny:model_path}",
+    "data.train_files": "${ssopd_tiny:train_file}",
+    "data.val_files": "${ssopd_tiny:val_file}",
+    "data.val_max_samples": 16,
+    "actor_rollout_ref.rollout.name": "hf",
+    "trainer.n_gpus_per_node": 2,
+    "trainer.nnodes": 1,
+    "data.train_batch_size": 8,
+    "actor_rollout_ref.actor.ppo_mini_batch_size": 2,
+    "data.max_prompt_length": 64,
+    "data.max_response_length": 48,
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": 112,  # 17408 * (64 + 48) / (1024 + 16384)
+    "ssopd.max_distill_tokens": 16,
+    "trainer.total_training_steps": 1,
+    "trainer.save_freq": -1,
+    "trainer.test_freq": -1,
+}
+
+
+def test_cpu_smoke_substitutes_only_what_cannot_run_on_cpu(composed):
+    """`CPU_SMOKE=1` (the switch behind the nine shrunk runs of the e2e suite): the composed config differs from the
+    GPU one only in the documented substitutions and in the keys the `+platform=cpu` overlay sets; the 8B script's
+    offload, LoRA shape, initial teacher, dynamic batching and rollout tensor parallelism stay as written."""
+    from ssopd_verl.glue.checks import check_config
+
+    smoke, gpu = _flatten(composed["smoke"]), _flatten(composed["qwen3_8b_ssopd"])
+    overlay = set(_flatten(OmegaConf.to_container(OmegaConf.load(
+        REPO / "ssopd_verl" / "conf" / "platform" / "cpu.yaml"))))  # fmt: skip
+    for key, value in SMOKE_SUBSTITUTES.items():
+        assert smoke[key] == value, key
+    differing = {k for k in set(smoke) | set(gpu) if smoke.get(k) != gpu.get(k)}
+    assert differing - set(SMOKE_SUBSTITUTES) - overlay - {"hydra"} == set(), differing - set(SMOKE_SUBSTITUTES) - overlay
+    kept = ("actor_rollout_ref.actor.fsdp_config.param_offload", "actor_rollout_ref.model.lora_rank", "ssopd.teacher",
+            "actor_rollout_ref.actor.use_dynamic_bsz", "actor_rollout_ref.rollout.tensor_model_parallel_size",
+            "actor_rollout_ref.model.enable_gradient_checkpointing", "ssopd.lambda")  # fmt: skip
+    assert {k: smoke[k] for k in kept} == {k: gpu[k] for k in kept} == {
+        "actor_rollout_ref.actor.fsdp_config.param_offload": True, "actor_rollout_ref.model.lora_rank": 64,
+        "ssopd.teacher": "initial", "actor_rollout_ref.actor.use_dynamic_bsz": True,
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": 2,
+        "actor_rollout_ref.model.enable_gradient_checkpointing": True, "ssopd.lambda": 0.5}  # fmt: skip
+    check_config(OmegaConf.create(composed["smoke"]))
