@@ -45,6 +45,10 @@ class DistillationPlan:
     # (the target tokens in teacher_ids, len(teacher_ids) - teacher_prompt_len, are the distilled positions)
     weight: list[float]  # per row: w(p) * share; 0 if not a target
     metrics: dict[str, float] = field(default_factory=dict)
+    # per target row: its own score and its witness's (NaN: not a target, or the witness is a reference solution),
+    # shown in the token view
+    target_score: list[float] = field(default_factory=list)
+    witness_score: list[float] = field(default_factory=list)
 
     @property
     def num_targets(self) -> int:
@@ -92,7 +96,9 @@ def plan_distillation(
         tie_keys=[tuple(response_ids[i]) for i in real],  # content, not batch position, breaks ties
     )
 
-    plan = DistillationPlan([[] for _ in range(num_rows)], [0] * num_rows, [0.0] * num_rows)
+    nan = float("nan")
+    plan = DistillationPlan([[] for _ in range(num_rows)], [0] * num_rows, [0.0] * num_rows,
+                            target_score=[nan] * num_rows, witness_score=[nan] * num_rows)  # fmt: skip
     witness_lens, target_lens, teacher_lens, distilled, truncations, skipped = [], [], [], [], 0, 0
     template_kwargs = cfg.chat_template_kwargs if cfg.chat_template_kwargs is not None else chat_template_kwargs
     for pair in pairs:
@@ -126,6 +132,9 @@ def plan_distillation(
         plan.teacher_ids[row] = context.input_ids
         plan.teacher_prompt_len[row] = context.prompt_length
         plan.weight[row] = pair.weight * pair.target_share
+        plan.target_score[row] = float(scores[row])
+        if pair.witness is not None:
+            plan.witness_score[row] = float(scores[real[pair.witness]])
         target_lens.append(len(response_ids[row]))
         distilled.append(len(target))
         teacher_lens.append(len(context.input_ids))

@@ -339,8 +339,6 @@ def _record_html(index: int, rec: TokenViewRecord, dec: _Decoder, scale: float, 
     loss_arr = np.asarray(rec.loss, dtype=np.float64)
     finite = loss_arr[np.isfinite(loss_arr)]
     witness_reward = "reference solution" if rec.reward_witness is None else _num(rec.reward_witness)
-    if rec.witness_is_teacher_prompt:
-        witness_reward = "&ndash;"
     meta = (
         f"step {rec.step} &middot; group {_esc(rec.uid)} &middot; weight {_num(rec.weight)} &middot; "
         f"reward target {'&ndash;' if rec.reward_target is None else _num(rec.reward_target)} / witness "

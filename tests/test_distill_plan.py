@@ -1,5 +1,7 @@
 """Batch-level pairing: scores -> pairs -> teacher sequences and row weights (pure, real Qwen3 tokenizer)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,15 @@ def test_nonfinite_rewards_are_never_witness_or_target(batch):
     # group c: the witness is now c1; the NaN-free target is still c3
     text = batch["tokenizer"].decode(plan.teacher_ids[11][: plan.teacher_prompt_len[11]])
     assert "a longer correct one" in text and "short \\boxed{1}" not in text
+
+
+def test_targets_carry_their_score_and_their_witness_score(batch):
+    plan = plan_distillation(**batch, cfg=SSOPDConfig(), max_response_length=1000, max_teacher_length=None)
+    targets = [i for i, w in enumerate(plan.weight) if w > 0]
+    assert targets and all(plan.target_score[i] == batch["scores"][i] == 0 for i in targets)
+    assert all(plan.witness_score[i] == 1 for i in targets)
+    others = [i for i in range(len(plan.weight)) if i not in targets]
+    assert all(math.isnan(plan.target_score[i]) and math.isnan(plan.witness_score[i]) for i in others)
 
 
 def test_group_left_with_one_usable_completion_is_skipped_and_counted(batch):

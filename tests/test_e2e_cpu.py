@@ -116,6 +116,7 @@ def test_token_view_of_step_two(runs):
     assert "The teacher's prompt (problem, template and witness" in page
     assert "Here is a reference solution to this problem" in page  # the template, in the teacher's prompt
     assert "boxed{" in page  # the witness's answer
+    assert "reward target 0.0000 / witness 1.0000" in page  # a wrong target, a correct witness
     assert '<span class="t' in page and 'style="background:rgb(' in page  # tokens coloured by their loss
     assert "ssopd: token view of step 2:" in (root / "a" / "main_ppo.log").read_text()
 

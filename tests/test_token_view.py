@@ -250,16 +250,19 @@ def test_mapping_records_and_write(qwen_tokenizer, tmp_path):
     assert "π ≈ 3.14159 &lt;x&gt;" in text
 
 
-def test_record_from_the_trainer_shows_the_teachers_prompt_and_an_unknown_reward(qwen_tokenizer):
-    """What the worker writes (ssopd.token_view_every): the teacher's whole prompt in place of the witness and no
-    reward (the update batch does not carry it)."""
+def test_record_from_the_trainer_shows_the_teachers_prompt_and_both_rewards(qwen_tokenizer):
+    """What the worker writes (ssopd.token_view_every): the teacher's whole prompt in place of the witness, and the
+    target's and the witness's rewards (the trainer puts them in the update batch); a reference-solution witness
+    has no reward of its own."""
     tok = qwen_tokenizer
-    rec = _record(tok, witness_text="Problem. Here is a reference solution: x = 7", reward_target=None,
-                  witness_is_teacher_prompt=True)  # fmt: skip
+    rec = _record(tok, witness_text="Problem. Here is a reference solution: x = 7", reward_target=0.0,
+                  reward_witness=1.0, witness_is_teacher_prompt=True)  # fmt: skip
     page = render_html([rec], tok)
     assert "The teacher's prompt (problem, template and witness" in page and "Witness (" not in page
-    assert "reward target &ndash; / witness &ndash;" in page
+    assert "reward target 0.0000 / witness 1.0000" in page
     assert len(_spans(page)) == len(rec.target_ids)
+    opsd = _record(tok, reward_target=0.0, reward_witness=None, witness_is_teacher_prompt=True)
+    assert "reward target 0.0000 / witness reference solution" in render_html([opsd], tok)
 
 
 def test_page_is_logged_to_wandb_when_it_is_a_tracker(qwen_tokenizer, tmp_path, monkeypatch):

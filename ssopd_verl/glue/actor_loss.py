@@ -41,6 +41,7 @@ not finite are left out of every mean, L_g's included.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable, Optional
 
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 TEACHER_IDS = "ssopd_teacher_ids"  # nested int64: teacher prompt + target response
 TEACHER_PROMPT_LEN = "ssopd_teacher_prompt_len"  # int64 (B,)
 ROW_WEIGHT = "ssopd_weight"  # float32 (B,): w(p) * target share; 0 = no distillation on this row
+TARGET_SCORE = "ssopd_target_score"  # float32 (B,): a target's reward (NaN on other rows), for the token view
+WITNESS_SCORE = "ssopd_witness_score"  # float32 (B,): its witness's reward (NaN: reference solution, or no target)
 
 # Per-position outputs of the logits hook, nested per row by the engine (0 outside the distilled positions).
 OUT_LOSS = "ssopd_loss"  # the clipped forward KL l[t] (with grad)
@@ -296,6 +299,9 @@ class SSOPDActorLoss:
                      for key in (OUT_LOSS, "ssopd_kl", "ssopd_teacher_logp", "ssopd_student_logp", OUT_ARGMAX)}  # fmt: skip
         counts = mask.sum(-1).long().cpu()
         prompt_lens = data["prompts"].offsets().diff().cpu()
+        scores = {key: data[key].float().cpu() if key in data.keys() else None for key in (TARGET_SCORE, WITNESS_SCORE)}
+        reward = lambda key, row: (  # noqa: E731  (None: unknown, or the witness is a reference solution)
+            None if scores[key] is None or not math.isfinite(float(scores[key][row])) else float(scores[key][row]))
         for row in torch.nonzero(weights > 0).flatten().tolist():
             if len(self.view_records) >= self.ssopd.token_view_targets:
                 break
@@ -309,6 +315,7 @@ class SSOPDActorLoss:
                 target_ids=ids[p : p + n].tolist(), loss=values[OUT_LOSS], kl=values["ssopd_kl"],
                 teacher_logp=values["ssopd_teacher_logp"], student_logp=values["ssopd_student_logp"],
                 teacher_argmax=[int(a) for a in values[OUT_ARGMAX]], witness_is_teacher_prompt=True,
+                reward_target=reward(TARGET_SCORE, row), reward_witness=reward(WITNESS_SCORE, row),
             ))  # fmt: skip
 
 

@@ -44,10 +44,12 @@ from ssopd_verl.evaluation.grading import GRADING_FLAGS
 from ssopd_verl.glue import estimator
 from ssopd_verl.glue.actor_loss import (
     ROW_WEIGHT,
+    TARGET_SCORE,
     TEACHER_IDS,
     TEACHER_PROMPT_LEN,
     TOKEN_VIEW_PATH,
     TOKEN_VIEW_STEP,
+    WITNESS_SCORE,
     finalize_metrics,
 )
 from ssopd_verl.glue.checks import check_config, plain as _plain, startup_warnings, warn_if_teacher_may_not_fit
@@ -209,6 +211,8 @@ class SSOPDTrainer(PPOTrainerSync):
                 TEACHER_IDS: torch.nested.as_nested_tensor(teacher, layout=torch.jagged),
                 TEACHER_PROMPT_LEN: torch.tensor(plan.teacher_prompt_len, dtype=torch.int64),
                 ROW_WEIGHT: torch.tensor(plan.weight, dtype=torch.float32),
+                TARGET_SCORE: torch.tensor(plan.target_score, dtype=torch.float32),
+                WITNESS_SCORE: torch.tensor(plan.witness_score, dtype=torch.float32),
             },
             batch_size=len(uids),
         )
