@@ -17,7 +17,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 
 def prepare(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

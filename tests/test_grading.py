@@ -1,14 +1,24 @@
 """Grading: last \\boxed{} + math-verify, on every shipped evaluation answer, and through verl's reward hook; bounded
-time on hostile completions, called from threads as verl's reward loop does; dead and hung workers replaced."""
+time on hostile completions, called from threads as verl's reward loop does; dead and hung workers replaced.
+
+No assertion here depends on how fast the machine is. Tests that expect a grade give math-verify a budget no load
+reaches (PATIENT_S); what happens past a budget is shown with short budgets on inputs that never finish, through
+statuses, the pool's counters and what each worker was handed (the WorkerCalls spy), never by timing a call.
+Bounded time is shown by its mechanisms: linear extraction (a deterministic work count), the cap and whitespace
+collapse on what reaches math-verify, and the budget and hard deadline each request carries."""
 
 import math
 import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,6 +30,94 @@ from ssopd_verl.evaluation.benchmarks import BENCHMARKS, eval_data_dir, load_ben
 from ssopd_verl.evaluation.grading import Grade, GradingPool, answer_key, answers_match, grade, last_boxed
 
 SETS = {name: load_benchmark(name)[1] for name in BENCHMARKS}
+
+PATIENT_S = 600.0  # math-verify budget (and hard-deadline grace) where a test expects a grade: no load reaches it
+STUCK_S = 600.0  # how long a test waits for a state it polls before it calls itself stuck
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patient_default_pool():
+    """The process's default pool (what grade() and compute_score use) with a PATIENT_S budget while this module
+    runs: the production default (10 s) is a bound on hostile answers, which a loaded machine may approach on a
+    legitimate one; tests that expect a timeout pass their own short budget."""
+    pool = grading.default_pool()
+    assert (pool.timeout_s, pool.grace_s) == (grading.DEFAULT_TIMEOUT_S, grading.HARD_GRACE_S)
+    pool.timeout_s = PATIENT_S
+    yield pool
+    pool.timeout_s = grading.DEFAULT_TIMEOUT_S
+
+
+@dataclass(eq=False)
+class WorkerCall:
+    """One request handed to a grading worker (one ``_Worker.call``): what math-verify was asked, with what budget
+    and hard deadline, and the outcome (``(score, status)``, ``"died"`` or ``"hung"``)."""
+
+    pid: int
+    pred: str
+    gold: str
+    budget_s: float
+    deadline_s: float
+    result: object = None
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+class WorkerCalls:
+    """Spy on ``_Worker.call``: every request sent to a grading worker, in order. The first ``hold`` requests wait
+    in the call, before they are sent, until the test releases them (a worker killed then dies with the request on
+    it, never between checkout and call, where the pool replaces a dead worker without using up the retry); the
+    first ``together`` requests wait there until that many are in flight at once (every worker checked out)."""
+
+    def __init__(self):
+        self.entries: list[WorkerCall] = []
+        self.hold = 0
+        self.together = 0
+        self._cond = threading.Condition()
+        self._barrier: Optional[threading.Barrier] = None
+
+    def enter(self, worker, pred, gold, budget_s, deadline_s) -> WorkerCall:
+        entry = WorkerCall(worker.pid, pred, gold, budget_s, deadline_s)
+        with self._cond:
+            self.entries.append(entry)
+            index = len(self.entries)
+            if self.together and self._barrier is None:
+                self._barrier = threading.Barrier(self.together, timeout=STUCK_S)
+            self._cond.notify_all()
+        if index <= self.together:
+            self._barrier.wait()
+        if index <= self.hold:
+            assert entry.released.wait(STUCK_S), f"stuck: request {index} never released by the test"
+        return entry
+
+    def wait_for(self, n: int) -> WorkerCall:
+        """The n-th request (1-based), once a worker has been handed it."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.entries) >= n, STUCK_S), f"stuck: no request {n}"
+            return self.entries[n - 1]
+
+
+@pytest.fixture
+def worker_calls(monkeypatch):
+    calls = WorkerCalls()
+    original = grading._Worker.call
+
+    def call(worker, pred, gold, budget_s, deadline_s):
+        entry = calls.enter(worker, pred, gold, budget_s, deadline_s)
+        entry.result = original(worker, pred, gold, budget_s, deadline_s)
+        return entry.result
+
+    monkeypatch.setattr(grading._Worker, "call", call)
+    return calls
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll a state (not a clock): fails only a test stuck for STUCK_S."""
+    deadline = time.monotonic() + STUCK_S
+    while not condition():
+        assert time.monotonic() < deadline, f"stuck: {what} not reached within {STUCK_S:.0f}s"
+        time.sleep(0.01)
 
 
 def as_model_output(answer: str) -> str:
@@ -60,7 +158,10 @@ def test_every_answer_scores_one_and_a_perturbed_one_scores_zero(name):
 def test_math_verify_parses_every_reference_answer():
     """The exact-match shortcut must not be what makes the answers above pass."""
     unparsed = [
-        (name, p["answer"]) for name, problems in SETS.items() for p in problems if not grading._parse(p["answer"], 5)
+        (name, p["answer"])
+        for name, problems in SETS.items()
+        for p in problems
+        if not grading._parse(p["answer"], int(PATIENT_S))  # math-verify's own timer: a budget no load reaches
     ]
     assert not unparsed
 
@@ -124,7 +225,7 @@ def test_verl_loads_and_calls_the_reward_function_from_the_launch_config():
     assert wrong["score"] == 0.0 and wrong["pred"] == "9"
 
 
-def test_reward_function_from_a_worker_thread_uses_the_process_pool():
+def test_reward_function_from_a_worker_thread_uses_the_process_pool(worker_calls):
     """verl's reward manager calls the function from a thread pool, where math-verify's signal timeouts fail: the
     comparison runs in a worker process (the exact-match shortcut "204" == "204" does not need one)."""
     results = {}
@@ -132,14 +233,16 @@ def test_reward_function_from_a_worker_thread_uses_the_process_pool():
     def call():
         results["right"] = grading.compute_score("aime24", as_model_output("204"), "204")
         results["wrong"] = grading.compute_score("aime24", as_model_output("205"), "204")
-        results["pool"] = grading._POOL is not None
 
     thread = threading.Thread(target=call)
     thread.start()
-    thread.join(timeout=120)
+    thread.join(timeout=STUCK_S)
+    assert not thread.is_alive(), f"stuck: compute_score did not return within {STUCK_S:.0f}s"
     flags = {"grading_timeout": 0, "grading_skipped": 0, "grading_error": 0}
     assert results == {"right": {"score": 1.0, "acc": 1.0, "pred": "204", **flags},
-                       "wrong": {"score": 0.0, "acc": 0.0, "pred": "205", **flags}, "pool": True}
+                       "wrong": {"score": 0.0, "acc": 0.0, "pred": "205", **flags}}
+    assert [(c.pred, c.gold, c.result) for c in worker_calls.entries] == [("205", "204", (0.0, "graded"))]
+    assert worker_calls.entries[0].pid in grading.default_pool().pids()
 
 
 # sha256 of the five sets as the project received them (../shared/data/eval, 2026-11): the shipped copies must be
@@ -163,60 +266,174 @@ def test_shipped_files_are_copies_of_the_shared_sets():
 
 # ------------------------------------------------------------------------------------ bounded time, hostile text
 #
-# verl's reward loop calls compute_score from a thread pool (loop.run_in_executor); so do these tests. BOUND_S is the
-# wall-clock limit of one call with warm workers: generous for a loaded 2-core CI machine, far below the 20-60 s the
-# hostile inputs used to take (the quadratic/cubic ones grow without limit with the input).
+# verl's reward loop calls compute_score from a thread pool (loop.run_in_executor); so do these tests. The hostile
+# inputs used to take 20-60 s at these sizes (the quadratic/cubic ones grow without limit with the input). What keeps
+# them bounded, tested below without a clock: in the caller only linear string work runs (a work count that doubles
+# at most when the input doubles); math-verify only ever sees an answer of at most MAX_ANSWER_CHARS with its
+# whitespace runs collapsed (what each worker was handed); and every request carries a budget and a hard deadline
+# (the timeout tests).
 
-BOUND_S = 5.0
 GOLD = r"\frac{9 \sqrt{23}}{23}"
 RIGHT = as_model_output(r"\frac{9}{\sqrt{23}}")  # right, but not an exact match: needs math-verify in a worker
 
+# hostile shapes at any size n, and the size each is graded at below
+SHAPES = {
+    "text_newlines_cubic": (lambda n: "\\boxed{\\text{" + "\n" * n + "{x}}}", 3000),
+    "text_4000_spaces": (lambda n: "\\boxed{\\text{" + " " * n + "{x}}}", 4000),
+    "text_900_spaces_under_cap": (lambda n: "\\boxed{\\text{" + " " * n + "{x}}}", 900),  # reaches math-verify
+    "unclosed_boxes_10000": (lambda n: "Let me box it: " + "\\boxed{" * n, 10_000),
+    "unclosed_box_after_answer_10000": (lambda n: "\\boxed{5} " + "\\boxed{" * n, 10_000),
+    "answer_100k_chars": (lambda n: "\\boxed{" + "1" * n + "}", 100_000),
+    "completion_100k_chars": (lambda n: "\\boxed{5}" + "word " * n, 20_000),
+    "unclosed_braces": (lambda n: "\\boxed{\\frac{1}{2" + "{" * n + " and then some", 5000),
+    "braces_only": (lambda n: "{" * (5 * n) + "}" * (4 * n) + "\\boxed{" + "}" * (n // 10), 10_000),
+    "space_form_dollars": (lambda n: "\\boxed $" * n, 20_000),
+    "text_macros_50000": (lambda n: "\\boxed{" + "\\text{" * n + "}", 50_000),
+}
 HOSTILE = {
-    "text_newlines_cubic": "\\boxed{\\text{" + "\n" * 3000 + "{x}}}",
-    "text_4000_spaces": "\\boxed{\\text{" + " " * 4000 + "{x}}}",
-    "text_900_spaces_under_cap": "\\boxed{\\text{" + " " * 900 + "{x}}}",  # reaches math-verify
-    "unclosed_boxes_10000": "Let me box it: " + "\\boxed{" * 10_000,
-    "unclosed_box_after_answer_10000": "\\boxed{5} " + "\\boxed{" * 10_000,
-    "answer_100k_chars": "\\boxed{" + "1" * 100_000 + "}",
-    "completion_100k_chars": "\\boxed{5}" + "word " * 20_000,
+    **{name: shape(n) for name, (shape, n) in SHAPES.items()},
     "control_tokens_in_answer": "<think>x</think>\\boxed{5<|im_end|><|im_start|>user\nignore that}<|im_end|>",
-    "unclosed_braces": "\\boxed{\\frac{1}{2" + "{" * 5000 + " and then some",
-    "braces_only": "{" * 50_000 + "}" * 40_000 + "\\boxed{" + "}" * 1000,
-    "space_form_dollars": "\\boxed $" * 20_000,
-    "text_macros_50000": "\\boxed{" + "\\text{" * 50_000 + "}",
+}
+# what each hostile completion hands math-verify (the answer is "5"); the others hand it nothing: no complete box,
+# an exact match, or an answer over MAX_ANSWER_CHARS (skipped)
+HOSTILE_REACHES = {
+    "text_newlines_cubic": [r"\text{ {x}}"],  # 3,000 newlines collapsed to one space
+    "text_4000_spaces": [r"\text{ {x}}"],
+    "text_900_spaces_under_cap": [r"\text{ {x}}"],
+    "control_tokens_in_answer": ["5<|im_end|><|im_start|>user ignore that"],
 }
 
 
 @pytest.fixture(scope="module")
-def warm_pool():
-    pool = grading.default_pool()
-    pool.warm()
-    return pool
+def warm_pool(patient_default_pool):
+    patient_default_pool.warm()
+    return patient_default_pool
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t0
+class _CountingPattern:
+    """Stands in for one of grading.py's compiled regexes and adds what its calls scan to ``work``: the whole string
+    (from ``pos``) for a pass (finditer, sub), up to the match (or the end) for search, and for an anchored match the
+    match, or on failure the whitespace run it backtracked through (match serves only ``\\s+([^\\s$]+)``, whose two
+    repeats never compete for a character). A pattern without nested or competing repeats runs in time linear in
+    what it scans; REVIEWED_PATTERNS pins the ones that were checked for that."""
+
+    _WS = re.compile(r"\s*")
+
+    def __init__(self, pattern: re.Pattern, work: Counter):
+        self.pattern, self.work = pattern, work
+
+    def _add(self, method: str, chars: int) -> None:
+        self.work["scanned"] += chars
+        self.work[(self.pattern.pattern, method)] += 1
+
+    def finditer(self, string, pos=0):
+        self._add("finditer", len(string) - pos)
+        return self.pattern.finditer(string, pos)
+
+    def search(self, string, pos=0):
+        m = self.pattern.search(string, pos)
+        self._add("search", (m.end() if m else len(string)) - pos)
+        return m
+
+    def match(self, string, pos=0):
+        m = self.pattern.match(string, pos)
+        self._add("match", (m.end() if m else self._WS.match(string, pos).end() + 1) - pos)
+        return m
+
+    def sub(self, repl, string, count=0):
+        self._add("sub", len(string))
+        return self.pattern.sub(repl, string, count)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"grading.py calls {self.pattern.pattern!r}.{name}: count its work here, review it")
 
 
-def test_extraction_and_normalisation_are_linear():
-    """The former quadratic last_boxed and cubic \\text{} regex, at sizes where they would take hours."""
-    for text in (
-        "\\boxed{" * 100_000,
-        "\\boxed{7}" + "\\boxed{" * 100_000,
-        "\\boxed " * 100_000 + "$",
-        "\\text{" + " " * 100_000 + "{x}}",
-        "\\text{" + "\n" * 100_000 + "}",
-        "\\text{" * 100_000,
-        "\\text{ a }" * 30_000,
-    ):
-        _, seconds = timed(last_boxed, text)
-        assert seconds < 2.0, (text[:20], seconds)
-        _, seconds = timed(answer_key, text)
-        assert seconds < 2.0, (text[:20], seconds)
+# grading.py's regexes, each reviewed to run in time linear in what it scans: literal alternations, single character
+# classes, a single repeat; \s+([^\s$]+) is only used anchored (match) and its two repeats share no character.
+REVIEWED_PATTERNS = {
+    "_BOX_RE": r"\\boxed|\\fbox",
+    "_BRACE_RE": r"[{}]",
+    "_SPACE_ARG_RE": r"\s+([^\s$]+)",
+    "_TEXT_MACRO_RE": r"\\text\{",
+    "_SPACING_RE": r"\\(?:left|right|!|,|;|:)",
+    "_WHITESPACE_RE": r"\s+",
+}
+
+
+class _NoMathVerify:
+    """A pool that answers at once: what grade() does in the caller's thread, without the worker."""
+
+    def verify(self, pred, gold, timeout_s=None):
+        return 0.0, "graded"
+
+
+def work(fn, *args) -> Counter:
+    """Deterministic work of ``fn(*args)`` in grading.py: lines of Python it runs there (``lines``) and characters
+    its regexes scan (``scanned``), with a count per (pattern, method)."""
+    counts: Counter = Counter()
+    patterns = {name: value for name, value in vars(grading).items() if isinstance(value, re.Pattern)}
+    source = grading.__file__
+
+    def local(frame, event, arg):
+        if event == "line":
+            counts["lines"] += 1
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == source else None
+
+    previous = sys.gettrace()
+    try:
+        for name, pattern in patterns.items():
+            setattr(grading, name, _CountingPattern(pattern, counts))
+        sys.settrace(tracer)
+        fn(*args)
+    finally:
+        sys.settrace(previous)
+        for name, pattern in patterns.items():
+            setattr(grading, name, pattern)
+    return counts
+
+
+# shapes that once took hours (the quadratic last_boxed, the cubic \text{} regex), plus every hostile one
+LINEAR_SHAPES = {
+    "boxes_open": lambda n: "\\boxed{" * n,
+    "box_then_open": lambda n: "\\boxed{7}" + "\\boxed{" * n,
+    "space_boxes": lambda n: "\\boxed " * n + "$",
+    "text_spaces": lambda n: "\\text{" + " " * n + "{x}}",
+    "text_newlines": lambda n: "\\text{" + "\n" * n + "}",
+    "text_open": lambda n: "\\text{" * n,
+    "text_words": lambda n: "\\text{ a }" * n,
+    **{name: shape for name, (shape, _) in SHAPES.items()},
+}
+
+
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES))
+def test_extraction_and_normalisation_are_linear(shape):
+    """Doubling the input at most doubles the work (a quadratic pass quadruples it) of everything grade() runs in
+    the caller's thread: last_boxed, answer_key and the rest of grade() up to handing math-verify its answer."""
+    make = LINEAR_SHAPES[shape]
+    for fn, extra in ((last_boxed, ()), (answer_key, ()), (grade, ("5", None, _NoMathVerify()))):
+        small, large = work(fn, make(1000), *extra), work(fn, make(2000), *extra)
+        for measure in ("lines", "scanned"):
+            assert large[measure] <= 2 * small[measure] + 20, (fn.__name__, measure, small[measure], large[measure])
+        assert small["scanned"] <= 8 * len(make(1000)) + 20, (fn.__name__, small["scanned"])  # a few passes
     assert last_boxed("\\boxed{7}" + "\\boxed{" * 1000) == "7"
     assert answer_key("\\text{ a }" * 3) == "aaa"
+
+
+def test_the_grader_uses_only_reviewed_regexes():
+    """The work count above trusts each regex to be linear in what it scans: only the reviewed ones exist, only
+    through the methods counted, and nothing calls the re module directly."""
+    found = {name: value.pattern for name, value in vars(grading).items() if isinstance(value, re.Pattern)}
+    assert found == REVIEWED_PATTERNS
+    assert set(re.findall(r"\bre\.(\w+)\(", Path(grading.__file__).read_text())) == {"compile", "escape"}
+    used = Counter()
+    for shape in LINEAR_SHAPES.values():
+        for fn, args in ((last_boxed, ()), (answer_key, ()), (grade, ("5", None, _NoMathVerify()))):
+            used.update(k for k in work(fn, shape(50), *args) if isinstance(k, tuple))
+    assert {method for (pattern, method) in used if pattern == r"\s+([^\s$]+)"} == {"match"}
+    assert {pattern for pattern, _ in used} == set(REVIEWED_PATTERNS.values())  # the count saw every one at work
 
 
 # The implementations this module replaced (quadratic last_boxed, cubic \text{} regex): the oracle on small inputs.
@@ -266,11 +483,15 @@ def test_linear_rewrites_agree_with_the_old_implementations():
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_completion_is_graded_in_bounded_time_from_a_thread(name, warm_pool):
+def test_hostile_completion_hands_math_verify_at_most_a_short_collapsed_answer(name, warm_pool, worker_calls):
     with ThreadPoolExecutor(1) as ex:
-        result, seconds = ex.submit(timed, grading.compute_score, "aime24", HOSTILE[name], "5").result()
-    assert seconds < BOUND_S, seconds
+        result = ex.submit(grading.compute_score, "aime24", HOSTILE[name], "5").result()
+    assert [(c.pred, c.gold) for c in worker_calls.entries] == [(p, "5") for p in HOSTILE_REACHES.get(name, [])]
+    for c in worker_calls.entries:  # the mechanism, whatever the input: capped, no whitespace run, a budget
+        assert len(c.pred) <= grading.MAX_ANSWER_CHARS and not re.search(r"\s\s", c.pred)
+        assert (c.budget_s, c.deadline_s) == (warm_pool.timeout_s, warm_pool.timeout_s + warm_pool.grace_s)
     assert result["score"] in (0.0, 1.0) and result["grading_timeout"] == 0 and result["grading_error"] == 0
+    assert result["grading_skipped"] == int(name == "answer_100k_chars")
 
 
 def test_hostile_outcomes():
@@ -297,111 +518,128 @@ def test_hostile_outcomes():
     assert grade("\\boxed{5" + " " * 5000 + "+1}", "5") == Grade("5" + " " * 5000 + "+1", 0.0, "graded")
 
 
-def test_correct_completion_among_four_hostile_ones_scores_one_in_bounded_time(warm_pool):
-    """The failure seen before: four slow completions held the 4 workers and a right one came back 0.0 after 31 s."""
+def test_correct_completion_among_four_hostile_ones_scores_one(warm_pool, worker_calls):
+    """The failure seen before: four slow completions held the 4 workers and a right one came back 0.0 after 31 s.
+    Now the hostile ones hand math-verify short collapsed answers or nothing, and the right one is graded."""
     texts = [HOSTILE["text_newlines_cubic"], HOSTILE["text_4000_spaces"], HOSTILE["unclosed_boxes_10000"],
              HOSTILE["answer_100k_chars"], RIGHT]
     with ThreadPoolExecutor(len(texts)) as ex:
-        futures = [ex.submit(timed, grading.compute_score, "hmmt25_feb", t, GOLD) for t in texts]
-        results = [f.result() for f in futures]
-    assert max(seconds for _, seconds in results) < BOUND_S, [s for _, s in results]
-    assert [r["score"] for r, _ in results] == [0.0, 0.0, 0.0, 0.0, 1.0]
-    assert [r["grading_skipped"] for r, _ in results] == [0, 0, 0, 1, 0]
+        results = list(ex.map(lambda t: grading.compute_score("hmmt25_feb", t, GOLD), texts))
+    assert [r["score"] for r in results] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [r["grading_skipped"] for r in results] == [0, 0, 0, 1, 0]
+    assert [r["grading_timeout"] + r["grading_error"] for r in results] == [0] * 5
+    assert sorted((c.pred, c.gold, c.result) for c in worker_calls.entries) == sorted(
+        [(r"\text{ {x}}", GOLD, (0.0, "graded"))] * 2 + [(r"\frac{9}{\sqrt{23}}", GOLD, (1.0, "graded"))]
+    )
 
 
-def test_slow_math_verify_times_out_and_does_not_block_a_correct_answer(warm_pool):
-    """Answers that keep sympy busy (9^(9^(9^9))) occupy every worker: they score 0 as timeouts (the worker's timer;
-    the worker is kept), the correct one waits for a worker, then is graded on its own budget and scores 1."""
-    before = warm_pool.stats()
-    slow = ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{10^{10^{8}}}", "\\boxed{(10^{7})!}", "\\boxed{9^{9^{9}}}"]
-    pids = warm_pool.pids()
-    with ThreadPoolExecutor(5) as ex:
-        futures = [ex.submit(timed, grade, t, "5", timeout=0.5) for t in slow] + \
-                  [ex.submit(timed, grade, RIGHT, GOLD, timeout=5.0)]
+# Answers that keep sympy busy far beyond any budget used here: 9^(9^9) alone is a 1.2-billion-bit integer (minutes
+# of big-integer multiplication, interruptible by the worker's timer); the others are as hopeless.
+NEVER_FINISH = ["9^{9^{9^{9}}}", "10^{10^{8}}", "(10^{7})!", "9^{9^{9}}"]
+
+
+def test_slow_math_verify_times_out_and_does_not_block_a_correct_answer(warm_pool, worker_calls, monkeypatch):
+    """Answers that never finish occupy every worker: each scores 0 as a timeout of its own 0.5 s budget (the
+    worker's timer; the worker is kept). The correct one, sent once all four are on their workers, waits for a
+    worker, then is graded on its full budget (the wait is not taken from it) and scores 1."""
+    monkeypatch.setattr(warm_pool, "grace_s", PATIENT_S)  # only the workers' timers can end the slow requests
+    before, pids = warm_pool.stats(), warm_pool.pids()
+    slow = (NEVER_FINISH * warm_pool.size)[: warm_pool.size]  # one per worker
+    with ThreadPoolExecutor(len(slow) + 1) as ex:
+        futures = [ex.submit(grade, f"\\boxed{{{t}}}", "5", timeout=0.5) for t in slow]
+        worker_calls.wait_for(len(slow))  # every worker busy
+        futures.append(ex.submit(grade, RIGHT, GOLD, timeout=PATIENT_S))
         results = [f.result() for f in futures]
-    assert [g.status for g, _ in results] == ["timeout"] * 4 + ["graded"]
-    assert [g.score for g, _ in results] == [0.0] * 4 + [1.0]
-    assert max(seconds for _, seconds in results) < 0.5 + BOUND_S
+    assert [g.status for g in results] == ["timeout"] * len(slow) + ["graded"]
+    assert [g.score for g in results] == [0.0] * len(slow) + [1.0]
+    calls = sorted((c.pred, c.budget_s, c.deadline_s, c.result) for c in worker_calls.entries)
+    assert calls == sorted([(t, 0.5, 0.5 + PATIENT_S, (0.0, "timeout")) for t in slow] +
+                           [(r"\frac{9}{\sqrt{23}}", PATIENT_S, 2 * PATIENT_S, (1.0, "graded"))])
+    assert worker_calls.entries[-1].pred == r"\frac{9}{\sqrt{23}}"  # handed a worker after every slow one
     after = warm_pool.stats()
-    assert after["timeout"] - before.get("timeout", 0) == 4
-    assert after.get("hard_timeouts") == before.get("hard_timeouts")
+    assert after["timeout"] - before.get("timeout", 0) == len(slow)
+    assert after.get("hard_timeouts") == before.get("hard_timeouts")  # the workers' timers, not the hard deadline
     assert warm_pool.pids() == pids  # soft timeouts keep their workers
 
 
 @pytest.fixture(scope="module")
 def solo_pool():
     """A one-worker pool for the tests that stop and kill workers (short grace: a hung worker goes fast)."""
-    pool = GradingPool(size=1, grace_s=0.5)
+    pool = GradingPool(size=1, timeout_s=PATIENT_S, grace_s=0.5)
     yield pool
     pool.close()
 
 
-def test_a_hung_worker_is_killed_at_the_hard_deadline_and_replaced(solo_pool):
-    """A worker that does not answer (stuck in C code that signals cannot interrupt; here: SIGSTOP) is killed after
-    budget + grace; the call scores 0 as a timeout and the next one gets a fresh worker."""
+def test_a_hung_worker_is_killed_at_the_hard_deadline_and_replaced(solo_pool, worker_calls):
+    """A worker that does not answer (stuck in C code that signals cannot interrupt; here: SIGSTOP, so it can never
+    answer) is killed at budget + grace; the call scores 0 as a timeout and the next one gets a fresh worker."""
     solo_pool.warm()
     (pid,) = solo_pool.pids()
+    hard = solo_pool.stats().get("hard_timeouts", 0)
     os.kill(pid, signal.SIGSTOP)
-    result, seconds = timed(grade, RIGHT, GOLD, timeout=0.5, pool=solo_pool)
+    result = grade(RIGHT, GOLD, timeout=0.5, pool=solo_pool)
     assert result == Grade(r"\frac{9}{\sqrt{23}}", 0.0, "timeout")
-    assert 0.9 < seconds < BOUND_S
-    assert solo_pool.pids() == [] and solo_pool.stats()["hard_timeouts"] == 1
+    assert [(c.pid, c.budget_s, c.deadline_s, c.result) for c in worker_calls.entries] == [(pid, 0.5, 1.0, "hung")]
+    assert solo_pool.pids() == [] and solo_pool.stats()["hard_timeouts"] == hard + 1
     assert grade(RIGHT, GOLD, pool=solo_pool).score == 1.0
     assert solo_pool.pids() and solo_pool.pids() != [pid]
 
 
-def test_killed_worker_is_replaced_and_grading_goes_on(warm_pool):
+def test_killed_worker_is_replaced_and_grading_goes_on(warm_pool, worker_calls):
     """As the OOM killer would: SIGKILL one of the default pool's workers; every later call still grades right."""
     before = grading.grading_stats().get("worker_restarts", 0)
     victim = warm_pool.pids()[0]
+    (process,) = [w.proc for w in warm_pool._live if w.pid == victim]
     os.kill(victim, signal.SIGKILL)
-    with ThreadPoolExecutor(8) as ex:  # more callers than workers: every worker, the dead one too, is used
-        results = list(ex.map(lambda _: timed(grading.compute_score, "hmmt25_feb", RIGHT, GOLD), range(8)))
-    assert [r["score"] for r, _ in results] == [1.0] * 8
-    assert max(seconds for _, seconds in results) < 2 * BOUND_S  # includes starting the replacement
+    wait_until(lambda: process.poll() is not None, "the killed worker's exit")
+    worker_calls.together = warm_pool.size  # the first requests hold every worker at once: the dead one is used
+    with ThreadPoolExecutor(8) as ex:  # more callers than workers
+        results = list(ex.map(lambda _: grading.compute_score("hmmt25_feb", RIGHT, GOLD), range(8)))
+    assert [r["score"] for r in results] == [1.0] * 8
+    assert len(worker_calls.entries) == 8 and all(c.result == (1.0, "graded") for c in worker_calls.entries)
+    assert victim not in {c.pid for c in worker_calls.entries}
     assert victim not in warm_pool.pids() and len(warm_pool.pids()) == warm_pool.size
     assert grading.grading_stats()["worker_restarts"] == before + 1
 
 
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-def busy(pool: GradingPool) -> bool:
-    """Whether the (one-worker) pool's worker is checked out by a request."""
-    return pool._slots.qsize() == 0
-
-
-def test_request_on_a_worker_that_dies_is_retried_once_on_a_fresh_one(solo_pool):
+def test_request_on_a_worker_that_dies_is_retried_once_on_a_fresh_one(solo_pool, worker_calls):
     solo_pool.warm()
     (pid,) = solo_pool.pids()
     restarts = solo_pool.stats().get("worker_restarts", 0)
-    os.kill(pid, signal.SIGSTOP)  # the request waits in the socket of a process that will never read it...
+    worker_calls.hold = 1  # the request waits on its worker...
     with ThreadPoolExecutor(1) as ex:
         future = ex.submit(grade, RIGHT, GOLD, pool=solo_pool)
-        wait_until(lambda: busy(solo_pool))
-        os.kill(pid, signal.SIGKILL)  # ...which then dies: the request goes to a replacement
-        assert future.result(timeout=60) == Grade(r"\frac{9}{\sqrt{23}}", 1.0, "graded")
-    assert solo_pool.stats()["worker_restarts"] == restarts + 1 and solo_pool.pids() != [pid]
+        first = worker_calls.wait_for(1)
+        os.kill(first.pid, signal.SIGKILL)  # ...which dies: the request goes to a replacement
+        first.release()
+        assert future.result(timeout=STUCK_S) == Grade(r"\frac{9}{\sqrt{23}}", 1.0, "graded")
+    first, second = worker_calls.entries
+    assert (first.pid, first.result) == (pid, "died") and second.result == (1.0, "graded") and second.pid != pid
+    assert solo_pool.stats()["worker_restarts"] == restarts + 1 and solo_pool.pids() == [second.pid]
 
 
-def test_request_whose_worker_dies_twice_scores_zero_as_an_error(solo_pool):
+def test_request_whose_worker_dies_twice_scores_zero_as_an_error(solo_pool, worker_calls):
+    """Each death happens with the request on its worker (held in the call until the worker is killed): a worker
+    killed between checkout and call would be replaced at checkout, without using up the retry."""
     solo_pool.warm()
-    (first,) = solo_pool.pids()
-    restarts = solo_pool.stats().get("worker_restarts", 0)
+    (pid,) = solo_pool.pids()
+    before = solo_pool.stats()
+    worker_calls.hold = 2
     with ThreadPoolExecutor(1) as ex:
-        future = ex.submit(grade, "\\boxed{9^{9^{9^{9}}}}", "5", timeout=30.0, pool=solo_pool)  # busy for 30 s
-        wait_until(lambda: busy(solo_pool))
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: solo_pool.pids() not in ([], [first]))  # the replacement, checked out by the retry
-        os.kill(solo_pool.pids()[0], signal.SIGKILL)
-        result = future.result(timeout=60)
-    assert result == Grade("9^{9^{9^{9}}}", 0.0, "error")
-    assert solo_pool.stats()["error"] == 1 and solo_pool.stats()["worker_restarts"] == restarts + 2
-    assert grade(RIGHT, GOLD, pool=solo_pool).score == 1.0  # and the pool goes on
+        future = ex.submit(grade, RIGHT, GOLD, pool=solo_pool)
+        for n in (1, 2):
+            call = worker_calls.wait_for(n)
+            os.kill(call.pid, signal.SIGKILL)
+            call.release()
+        result = future.result(timeout=STUCK_S)
+    assert result == Grade(r"\frac{9}{\sqrt{23}}", 0.0, "error")
+    first, second = worker_calls.entries
+    assert first.pid == pid and second.pid != pid and first.result == second.result == "died"
+    after = solo_pool.stats()
+    assert after["error"] == before.get("error", 0) + 1
+    assert after["worker_restarts"] == before.get("worker_restarts", 0) + 2
+    assert grade(RIGHT, GOLD, pool=solo_pool).score == 1.0  # and the pool goes on, on a third worker
+    assert worker_calls.entries[2].pid not in (first.pid, second.pid)
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), np.float64("nan"), math.inf, "", "   ", ["5"], {"a": 1}, True])

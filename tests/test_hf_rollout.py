@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -36,6 +38,7 @@ QWEN3_ENDOFTEXT = 151643  # <|endoftext|>
 RESPONSE_LENGTH = 16
 LOGPROB_TOL = 1e-4
 GREEDY = {"temperature": 0.0, "top_k": -1, "top_p": 1.0}  # what verl's agent loop sends for greedy decoding
+STUCK_S = 600.0  # how long a test waits for a state before it calls itself stuck
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def test_registration_from_a_plugin_while_this_module_imports_verl(tmp_path):
     # verl imports VERL_USE_EXTERNAL_MODULES on `import verl` just before its entry-point plugins, and lets errors
     # propagate (a failing entry-point plugin would only be logged at DEBUG level)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "VERL_USE_EXTERNAL_MODULES": "hf_plugin_shim"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "registered" in result.stdout, result.stderr[-3000:]
 
 
@@ -390,21 +393,40 @@ def test_stops_at_every_eos_of_tokenizer_and_generation_config(model_path, serve
 
 
 def test_abort_and_resume(server, prompts):
+    """abort_all_requests ends a running request with what it has: the decode is held after its second forward
+    (the prompt's, then one decode step) until the abort is under way, so the partial completion has exactly two
+    tokens however fast or loaded the machine is; a request sent meanwhile is parked until resume_generation."""
+    forwards, held = [0], threading.Event()
+
+    def hold_until_abort(module, args, output):
+        forwards[0] += 1
+        if forwards[0] == 2:
+            held.set()
+            deadline = time.monotonic() + STUCK_S
+            while not server._abort_all:  # set by abort_all_requests, which then waits for this batch to stop
+                assert time.monotonic() < deadline, f"stuck: no abort within {STUCK_S:.0f}s"
+                time.sleep(0.001)
+
     async def scenario():
         long = {**GREEDY, "ignore_eos": True, "max_tokens": 3000, "logprobs": True}
         running = asyncio.ensure_future(server.generate(prompts[0], long, "long"))
-        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(held.wait, STUCK_S), f"stuck: the request did not start within {STUCK_S:.0f}s"
         result = await server.abort_all_requests()
         partial = await running
         parked = asyncio.ensure_future(server.generate(prompts[1], {**GREEDY, "max_tokens": 2}, "parked"))
-        await asyncio.sleep(0.1)
-        assert not parked.done()  # held until resume_generation
+        await asyncio.sleep(0.1)  # a chance to run, which it must not take: held until resume_generation
+        assert not parked.done()
         await server.resume_generation()
         return result, partial, await parked
 
-    result, partial, parked = _run(scenario())
+    hook = server.model.register_forward_hook(hold_until_abort)
+    try:
+        result, partial, parked = _run(scenario())
+    finally:
+        hook.remove()
+    assert server.max_model_len - len(prompts[0]) > 2  # room for more: the abort, not the length, stopped it
     assert result["request_ids"] == ["long"]
-    assert partial.stop_reason == "aborted" and 0 < len(partial.token_ids) < 3000
+    assert partial.stop_reason == "aborted" and len(partial.token_ids) == 2
     assert len(partial.log_probs) == len(partial.token_ids)
     assert parked.stop_reason == "completed" and len(parked.token_ids) == 2
 

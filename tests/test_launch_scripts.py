@@ -63,7 +63,7 @@ def composed(tmp_path_factory):
     procs["passthrough"] = _launch("qwen3_4b_ssopd", cwd, {**passthrough_env, "DRY_RUN": "args"}, *passthrough)
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=600)  # hang guards: a loaded machine needs minutes
         assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
         out[name] = _compose(stdout.splitlines())
     stdout, stderr = real.communicate(timeout=600)

@@ -9,7 +9,7 @@ from ssopd_verl.glue.plugin import guard_recipe, recipe_requested
 
 def run(code: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code), *argv], capture_output=True, text=True, timeout=600
     )
 
 

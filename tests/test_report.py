@@ -112,7 +112,7 @@ def test_report_cli_writes_png_markdown_and_csv(eval_dirs, tmp_path):
         [sys.executable, str(REPO / "scripts" / "report.py"), "--out", str(out),
          "--eval", f"GRPO={eval_dirs['grpo']}", str(eval_dirs["ssopd"]),
          "--tracker", f"SSOPD={SSOPD_LOG}", f"GRPO={GRPO_LOG}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "results.md").read_text()

@@ -219,7 +219,7 @@ def test_ranks_agree_on_the_student_token_budget():
     group exceeds max_token_len" on rank 0 while rank 1 waited in the next collective. Agreed over the ranks, the
     budget is 17,300 on both, and every micro-batch's student + teacher tokens stay within the 17,408 budget."""
     ranks = [([5300, 16900, 800], [9496, 0, 0]), ([17300, 1200, 900], [0, 0, 0])]
-    results = run_ranks(BUDGET_SCRIPT, [[json.dumps(s), json.dumps(t), "17408"] for s, t in ranks], timeout=120)
+    results = run_ranks(BUDGET_SCRIPT, [[json.dumps(s), json.dumps(t), "17408"] for s, t in ranks])
     assert [r["limit"] for r in results] == [17300, 17300]
     assert len(results[0]["micro_batch_tokens"]) == len(results[1]["micro_batch_tokens"])  # verl's same count
     assert all(tokens <= 17408 for rank in results for tokens in rank["micro_batch_tokens"])

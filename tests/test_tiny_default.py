@@ -395,13 +395,19 @@ def test_verl_renders_the_trained_prompt(built, tokenizer, tmp_path):
 # Cache, determinism, CLI
 
 
-def test_second_call_uses_cache(built):
+def test_second_call_uses_cache(built, monkeypatch):
+    """A finished build is returned as it is: nothing is built, trained or locked again, no file is touched."""
+    from ssopd_verl.tiny_default import build
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the second call rebuilt the cached tiny default")
+
+    for name in ("_build_into", "warm_start", "_file_lock"):
+        monkeypatch.setattr(build, name, must_not_run)
     result = built[0]
     root = Path(result.cache_dir)
     before = _files(root)
-    t0 = time.perf_counter()
     again = td.build_tiny_default(root)
-    assert time.perf_counter() - t0 < 5.0
     assert again == result
     assert _files(root) == before
 
@@ -450,7 +456,7 @@ def test_cli_reports_cached_build(built):
         [sys.executable, "-m", "ssopd_verl.tiny_default", "--cache-dir", result.cache_dir],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a hang guard only: a cached build is reported in about a second
     )
     assert proc.returncode == 0, proc.stderr
     assert f"model_path: {result.model_path}" in proc.stdout
