@@ -36,8 +36,14 @@ class RunFailed(RuntimeError):
     pass
 
 
+# The reward workers' math-verify budget (ssopd_verl.evaluation.grading): a loaded CI machine must not turn a grade
+# into a timeout (the runs assert reward/grading_timeout == 0). Ray workers inherit the driver's environment.
+GRADING_ENV = {"SSOPD_GRADING_TIMEOUT_S": "600"}
+
+
 def run(cmd: list[str], cwd: Path, log: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # the +platform=cpu overlay selects it
+    env.update(GRADING_ENV)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -90,7 +96,7 @@ def launch_script(root: Path, name: str) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
     env.update(CPU_SMOKE="1", PYTHON=sys.executable, LOG_DIR=str(root / "launch" / "logs"),
-               CKPT_ROOT=str(root / "launch" / "checkpoints"))  # fmt: skip
+               CKPT_ROOT=str(root / "launch" / "checkpoints"), **GRADING_ENV)  # fmt: skip
     proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh"), f"hydra.run.dir={workdir / 'hydra'}"], cwd=workdir,
                           env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
     (workdir / "main_ppo.log").write_text(proc.stdout + proc.stderr)

@@ -70,7 +70,10 @@ from multiprocessing.connection import Connection
 from typing import Optional
 
 BOXED_COMMANDS = ("\\boxed", "\\fbox")
-DEFAULT_TIMEOUT_S = 10.0  # budget of one math-verify comparison (parse both + verify), enforced in the worker
+# budget of one math-verify comparison (parse both + verify), enforced in the worker; SSOPD_GRADING_TIMEOUT_S sets
+# it for every process (e.g. the test suite's end-to-end runs, whose loaded machine must not turn grades into
+# timeouts)
+DEFAULT_TIMEOUT_S = float(os.environ.get("SSOPD_GRADING_TIMEOUT_S", "10"))
 HARD_GRACE_S = 5.0  # past budget + grace without an answer, the caller kills the worker
 MAX_ANSWER_CHARS = 1_000  # longer boxed answers / references are not handed to math-verify (longest shipped: 53)
 DEFAULT_WORKERS = int(os.environ.get("SSOPD_GRADING_WORKERS", "4"))
