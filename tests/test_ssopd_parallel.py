@@ -1,17 +1,19 @@
-"""SSOPD across ranks (separate processes, gloo, verl's FSDP2 engine on CPU).
+"""SSOPD across ranks (separate processes, gloo, verl's FSDP2 engine on CPU): one batch, three layouts.
 
-Data parallelism: the distillation term does not depend on the data-parallel size, and a rank whose rows hold no
-target still takes part in every collective. Rank 0 holds both targets, rank 1 none (it runs one-token dummy
-teacher forwards). verl averages gradients over ranks, so the mean over ranks of each rank's
-`ssopd/distill_loss` must equal the single-process value, computed here from plain transformers forwards. The
-teacher forward's token budget is set to the longer teacher sequence, so rank 0 splits its two targets into two
-forwards and rank 1 must run as many dummies to keep every collective in step (a mismatch would hang, and the
-test would time out).
+The same 8 rows (two groups of 4 and some filler; 4 target rows) run one forward-backward on one rank, on two
+data-parallel ranks and under Ulysses sequence parallelism 2, then through verl's own metric path (all-gather
+over the data-parallel group, `Metric.aggregate_dp`, the trainer's `finalize_metrics`). Every layout must give:
 
-Ulysses sequence parallelism (size 2, one data-parallel rank): each rank holds half of every packed micro-batch,
-student and teacher. The distillation loss and the gradient of every parameter equal a single-rank run's (fp32,
-1e-5), on micro-batches built so that in one the second rank's half holds no distilled token, and in another a
-target straddles the two halves and two targets need two teacher pieces.
+* the same `ssopd/*` metrics and `actor/pg_loss` (shares in [0, 1]); before, two data-parallel ranks crashed in
+  `aggregate_dp` when their micro-batches held targets unevenly, and Ulysses shares read > 1;
+* the same gradient of every parameter (fp32, 1e-5);
+* a distillation term equal to one computed from plain transformers forwards.
+
+Collectives: the teacher forward's token budget is below two teacher sequences, so a micro-batch with two targets
+runs two forwards; the data-parallel rank without any target must run as many one-token dummies to keep every
+collective in step (a mismatch would hang, and the test would time out). Under Ulysses, each rank holds half of
+every packed micro-batch: in the first micro-batch the second half holds no distilled token, in the second a
+target straddles the halves, in the third two targets need two teacher pieces.
 """
 
 import json
@@ -30,12 +32,10 @@ PROBLEMS = ["What is 2+3?", "What is 7*6?"]
 TEXTS = [["I guess \\boxed{6}", "2+3=5 \\boxed{5}", "Let me think. 2 and 3 make 7, surely \\boxed{7}", "\\boxed{1}"],
          ["7*6=42 \\boxed{42}", "Seven sixes: 42. \\boxed{42}", "\\boxed{40}", "Hmm, 7*6 is 48 I think \\boxed{48}"]]
 SCORES = [0, 1, 0, 0, 1, 1, 0, 0]
-RANK_ROWS = [[2, 7, 0, 1], [3, 4, 5, 6]]  # rows 2 and 7 are the targets (longest wrong of each group)
 
-# argv: model path, rows (JSON), teacher token budget, Ulysses SP size, mode ("infer": the loss only; "grad": one
-# forward-backward, rank 0 saves every parameter's full gradient to the path in argv[6]; "metrics": one
-# forward-backward, then verl's own metric path: all-gather over the data-parallel group, Metric.aggregate_dp,
-# then the trainer's finalize_metrics).
+# argv: model path, rows (JSON), teacher token budget, Ulysses SP size, path for rank 0's gradients. One
+# forward-backward, then verl's own metric path (all-gather over the data-parallel group, Metric.aggregate_dp) and
+# the trainer's finalize_metrics; rank 0 saves every parameter's full gradient.
 RANK_SCRIPT = textwrap.dedent(
     """
     import functools, json, sys
@@ -46,13 +46,12 @@ RANK_SCRIPT = textwrap.dedent(
     from ssopd_verl.config import SSOPDConfig
     from verl.workers.utils.losses import ppo_loss
 
-    model_path, rows, budget, sp, mode = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    model_path, rows, budget, sp, grads_path = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     engine = build_cpu_fsdp2_engine(model_path, micro_batch_size_per_gpu=2, ulysses_sequence_parallel_size=sp)
     td = make_train_tensordict(
         [r["prompt"] for r in rows], [r["response"] for r in rows], temperature=1.0, engine=engine,
         global_batch_size=8, compute_loss=True,
         fields={
-            # advantages 0: the policy loss has no gradient, so the gradient is the distillation term's alone
             "advantages": [torch.full((len(r["response"]),), float(r.get("advantage", 0.0))) for r in rows],
             "old_log_probs": [torch.zeros(len(r["response"])) for r in rows],
             TEACHER_IDS: [torch.tensor(r["teacher_ids"] or [0]) for r in rows],
@@ -63,34 +62,22 @@ RANK_SCRIPT = textwrap.dedent(
     cfg = SSOPDConfig()
     mark_for_distillation(td, cfg)
     loss = SSOPDActorLoss(functools.partial(ppo_loss, config=build_actor_config()), cfg, rollout_n=4, engine=engine,
-                          teacher_max_tokens=budget or None)
-    if mode == "infer":
-        with engine.eval_mode():
-            out = engine.infer_batch(td, loss_function=loss)
-    elif mode == "metrics":
-        from verl.utils.metric import Metric
-        from verl.utils.torch_functional import allgather_dict_into_dict
-        from ssopd_verl.glue.actor_loss import finalize_metrics
-        with engine.train_mode():
-            out = engine.forward_backward_batch(td, loss_function=loss, forward_only=False)
-        gathered = allgather_dict_into_dict(out["metrics"], group=engine.get_data_parallel_group())
-        final = finalize_metrics({k: float(Metric.aggregate_dp(v)) for k, v in gathered.items()
-                                  if k.startswith("ssopd/") or k == "actor/pg_loss"})
-        final.pop("ssopd/teacher_time_s")
-        print("RESULT", json.dumps(final))
-        sys.exit(0)
-    else:
-        with engine.train_mode():
-            engine.optimizer_zero_grad()
-            out = engine.forward_backward_batch(td, loss_function=loss, forward_only=False)
-            grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-                     for name, p in engine.module.named_parameters() if p.grad is not None}
-        if torch.distributed.get_rank() == 0:
-            torch.save(grads, sys.argv[6])
-    values = out["metrics"]["ssopd/distill_loss"]
-    values = values if isinstance(values, list) else [values]
-    total = sum(float(v.aggregate() if hasattr(v, "aggregate") else v) for v in values)
-    print("RESULT", json.dumps({"distill": total, "teacher_forwards": loss.teacher.forwards}))
+                          teacher_max_tokens=budget)
+    from verl.utils.metric import Metric
+    from verl.utils.torch_functional import allgather_dict_into_dict
+    from ssopd_verl.glue.actor_loss import finalize_metrics
+    with engine.train_mode():
+        engine.optimizer_zero_grad()
+        out = engine.forward_backward_batch(td, loss_function=loss, forward_only=False)
+        grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                 for name, p in engine.module.named_parameters() if p.grad is not None}
+    if torch.distributed.get_rank() == 0:
+        torch.save(grads, grads_path)
+    gathered = allgather_dict_into_dict(out["metrics"], group=engine.get_data_parallel_group())
+    final = finalize_metrics({k: float(Metric.aggregate_dp(v)) for k, v in gathered.items()
+                              if k.startswith("ssopd/") or k == "actor/pg_loss"})
+    final.pop("ssopd/teacher_time_s")
+    print("RESULT", json.dumps({"metrics": final, "teacher_forwards": loss.teacher.forwards}))
     """
 )
 
@@ -127,66 +114,76 @@ def planned(model_path):
     return rows, plan, tokenizer
 
 
-def test_distill_term_is_invariant_to_data_parallel_size(model_path, planned):
+def test_one_rank_two_data_parallel_ranks_and_sequence_parallel_agree(model_path, planned, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    rows, plan, _ = planned
-    budget = max(len(plan.teacher_ids[i]) for i in (2, 7))  # both targets do not fit one forward
-    results = run_ranks(RANK_SCRIPT, [[model_path, json.dumps([rows[i] for i in indices]), str(budget), "1", "infer"]
-                                      for indices in RANK_ROWS])  # fmt: skip
-    per_rank = [r["distill"] for r in results]
-    assert per_rank[1] == 0.0  # the rank without targets contributes nothing (but ran its collectives)
-    # rank 0's first micro-batch holds both targets: two pieces; its second none; rank 1 follows with dummies
-    assert [r["teacher_forwards"] for r in results] == [2, 2]
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    expected = 0.0
-    with torch.no_grad():
-        for i in (2, 7):
-            p, t, r = len(rows[i]["prompt"]), plan.teacher_prompt_len[i], len(rows[i]["response"])
-            student = model(input_ids=torch.tensor([rows[i]["prompt"] + rows[i]["response"]])).logits[0, p - 1 : p - 1 + r]
-            teacher = model(input_ids=torch.tensor([plan.teacher_ids[i]])).logits[0, t - 1 : t - 1 + r]
-            expected += plan.weight[i] * clipped_forward_kl(student, teacher, temperature=TEMPERATURE).mean().item()
-    expected /= 8 / N
-    assert expected > 0
-    # fp32: the loss scales by 1/temperature after the projection and sums 151k-entry rows in chunks, the reference
-    # divides the logits first; the KL (2.5e-3) is a difference of nearly equal terms, so its relative error is ~1e-4.
-    # A wrong data-parallel scale would be off by a factor of 2.
-    assert sum(per_rank) / len(per_rank) == pytest.approx(expected, rel=1e-3)
-
-
-def test_ulysses_sequence_parallel_equals_single_rank(model_path, planned, tmp_path):
     rows, plan, tokenizer = planned
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     # A long row that is not a target, to put after a short target in one packed micro-batch.
     filler = dict(rows[4], response=tokenizer.encode("Seven sixes. " * 12, add_special_tokens=False) + [eos],
                   teacher_ids=None, teacher_prompt_len=0, weight=0.0)
-    # Micro-batches of 2 rows, packed in order and cut in two halves by Ulysses:
+    for i, row in enumerate(rows):
+        row["advantage"] = (-1.0) ** i * 0.5  # a policy loss with a gradient: pg_loss is compared too
+    filler["advantage"] = 0.25
+    # Micro-batches of 2 rows, packed in order (one rank, and cut in two halves under Ulysses):
     #   [target 2, filler]: the second half holds no distilled token of row 2;
     #   [row 0, target 7]: target 7 straddles the halves;
-    #   [target 2, target 7]: two targets, two teacher pieces (the budget below), 7 straddling.
-    batch = [rows[2], filler, rows[0], rows[7], rows[2], rows[7]]
+    #   [target 2, target 7]: two targets, two teacher pieces (the budget below); [rows 1, 4]: no target.
+    batch = [rows[2], filler, rows[0], rows[7], rows[2], rows[7], rows[1], rows[4]]
     first_len = len(rows[2]["prompt"]) + len(rows[2]["response"])
     packed = first_len + len(filler["prompt"]) + len(filler["response"])
-    last_distilled = first_len - 2  # the logit predicting row 2's last response token
-    assert last_distilled < (packed + 1) // 2, "row 2 must lie wholly in the first rank's half"
+    assert first_len - 2 < (packed + 1) // 2, "row 2 must lie wholly in the first rank's half"
     budget = (max(len(rows[i]["teacher_ids"]) for i in (2, 7)) + 1) // 2  # per rank: sp * budget < both together
+    layouts = {  # per rank: its rows, the Ulysses size
+        "one rank": ([batch], 1),
+        # rank 0 every target (two micro-batches of two targets: 2 + 2 pieces), rank 1 none (4 dummy forwards)
+        "data parallel 2": ([[rows[2], rows[7], rows[2], rows[7]], [filler, rows[0], rows[1], rows[4]]], 1),
+        "sequence parallel 2": ([batch, batch], 2),
+    }
+    results, grads = {}, {}
+    for name, (per_rank, sp) in layouts.items():
+        path = tmp_path / f"{name}.pt"
+        ranks = run_ranks(RANK_SCRIPT, [[model_path, json.dumps(r), str(budget), str(sp), str(path)] for r in per_rank])
+        assert len({r["teacher_forwards"] for r in ranks}) == 1, ranks  # every rank in step with the collectives
+        if sp == 2:  # both ranks of the SP group hold the whole (gathered) outputs
+            assert ranks[0]["metrics"] == pytest.approx(ranks[1]["metrics"], rel=1e-6), ranks
+        results[name], grads[name] = ranks[0], torch.load(path)
+    assert results["one rank"]["teacher_forwards"] == 4  # 1 + 1 + 2 pieces (+ none for the last micro-batch)
 
-    results = {}
-    for sp in (1, 2):
-        path = tmp_path / f"grads_sp{sp}.pt"
-        args = [model_path, json.dumps(batch), str(budget), str(sp), "grad", str(path)]
-        results[sp] = (run_ranks(RANK_SCRIPT, [args] * sp), torch.load(path))
-    (single, single_grads), (ulysses, ulysses_grads) = results[1], results[2]
-    assert single[0]["distill"] > 0
-    for rank_result in ulysses:  # both ranks of the SP group hold the whole (gathered) loss
-        assert rank_result["distill"] == pytest.approx(single[0]["distill"], rel=1e-5)
-        assert rank_result["teacher_forwards"] == single[0]["teacher_forwards"] == 4  # 1 + 1 + 2 pieces
-    assert single_grads.keys() == ulysses_grads.keys() and len(single_grads) > 0
-    largest = max(g.abs().max() for g in single_grads.values())
+    one = results["one rank"]["metrics"]
+    assert one["ssopd/distill_loss"] > 0 and one["ssopd/kl_unclipped"] > 0 and one["actor/pg_loss"] != 0
+    for share in ("ssopd/teacher_argmax_differs", "ssopd/clipped_teacher_mass", "ssopd/teacher_argmax_reversed",
+                  "ssopd/reversed_teacher_mass"):  # fmt: skip
+        assert 0 <= one[share] <= 1, share
+    largest = max(g.abs().max() for g in grads["one rank"].values())
     assert largest > 0
-    for name, expected in single_grads.items():
-        torch.testing.assert_close(ulysses_grads[name], expected, rtol=1e-5, atol=1e-5 * largest, msg=name)
+    for name in ("data parallel 2", "sequence parallel 2"):
+        got = results[name]["metrics"]
+        assert got.keys() == one.keys(), name
+        for key, value in one.items():
+            if key == "ssopd/micro_batch_tokens_max":  # what one micro-batch holds: depends on the layout by design
+                continue
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+        assert grads[name].keys() == grads["one rank"].keys()
+        for param, expected in grads["one rank"].items():
+            torch.testing.assert_close(grads[name][param], expected, rtol=1e-5, atol=1e-5 * largest, msg=param)
+
+    # the distillation term from plain transformers forwards: sum over targets of w * L_g / G (G = 8 / 4 prompts)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    expected = 0.0
+    with torch.no_grad():
+        for row in batch:
+            if row["weight"] <= 0:
+                continue
+            p, t, r = len(row["prompt"]), row["teacher_prompt_len"], len(row["response"])
+            student = model(input_ids=torch.tensor([row["prompt"] + row["response"]])).logits[0, p - 1 : p - 1 + r]
+            teacher = model(input_ids=torch.tensor([row["teacher_ids"]])).logits[0, t - 1 : t - 1 + r]
+            expected += row["weight"] * clipped_forward_kl(student, teacher, temperature=TEMPERATURE).mean().item()
+    expected /= 8 / N
+    # fp32: the loss scales by 1/temperature after the projection and sums 151k-entry rows in chunks, the reference
+    # divides the logits first; the KL is a difference of nearly equal terms, so its relative error is ~1e-4. A
+    # wrong data-parallel scale would be off by a factor of 2.
+    assert one["ssopd/distill_loss"] == pytest.approx(expected, rel=1e-3)
 
 
 # argv: the rank's student row lengths, its teacher lengths (JSON), the budget. verl's real dynamic batching.
@@ -224,35 +221,3 @@ def test_ranks_agree_on_the_student_token_budget():
     assert len(results[0]["micro_batch_tokens"]) == len(results[1]["micro_batch_tokens"])  # verl's same count
     assert all(tokens <= 17408 for rank in results for tokens in rank["micro_batch_tokens"])
 
-
-def test_metrics_mean_the_same_on_one_rank_two_data_parallel_ranks_and_sequence_parallel(model_path, planned):
-    """Every ssopd/* metric (and verl's actor/pg_loss) of one batch, through verl's own metric path (all-gather over
-    the data-parallel group, Metric.aggregate_dp): one rank with 4 micro-batches, two data-parallel ranks with 2
-    each (the targets on rank 0 only, in one micro-batch), and Ulysses SP 2. Before: DP 2 crashed in
-    aggregate_dp ("All Metric instances must have the same number of values") whenever the ranks' micro-batches held
-    targets unevenly, and the per-position means depended on the layout. Tolerance: fp32 sums in another order."""
-    rows, _, _ = planned
-    for i, row in enumerate(rows):
-        row["advantage"] = (-1.0) ** i * 0.5  # a policy loss with a gradient, so pg_loss is not 0
-    layouts = {
-        "one rank": [[rows]],
-        "data parallel 2": [[[rows[i] for i in indices]] for indices in RANK_ROWS],
-        "sequence parallel 2": [[rows]] * 2,
-    }
-    results = {}
-    for name, per_rank in layouts.items():
-        sp = "2" if name == "sequence parallel 2" else "1"
-        ranks = run_ranks(RANK_SCRIPT, [[model_path, json.dumps(r[0]), "0", sp, "metrics"] for r in per_rank])
-        if sp == "2":  # both ranks of the SP group hold the whole (gathered) micro-batch outputs
-            assert ranks[0] == pytest.approx(ranks[1], rel=1e-6), ranks
-        results[name] = ranks[0]
-    one = results["one rank"]
-    assert one["ssopd/distill_loss"] > 0 and one["ssopd/kl_unclipped"] > 0 and one["actor/pg_loss"] != 0
-    for share in ("ssopd/teacher_argmax_differs", "ssopd/clipped_teacher_mass"):
-        assert 0 <= one[share] <= 1
-    for name, got in results.items():
-        assert got.keys() == one.keys(), name
-        for key, value in one.items():
-            if key == "ssopd/micro_batch_tokens_max":  # what one micro-batch holds: depends on the layout by design
-                continue
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
