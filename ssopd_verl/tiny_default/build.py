@@ -113,10 +113,12 @@ def _versions() -> dict:
     return out
 
 
-def cached_tiny_default(cache_dir: Optional[os.PathLike | str] = None) -> Optional[TinyDefault]:
-    """The default build if it is in the cache (``cache_dir`` or :func:`default_cache_dir`) and intact; None if it
-    still has to be built. Never trains."""
-    spec = TinyDefaultSpec()
+def cached_tiny_default(
+    cache_dir: Optional[os.PathLike | str] = None, spec: Optional[TinyDefaultSpec] = None
+) -> Optional[TinyDefault]:
+    """The build of ``spec`` (default: the default spec) if it is in the cache (``cache_dir`` or
+    :func:`default_cache_dir`) and intact; None if it still has to be built. Never trains."""
+    spec = spec or TinyDefaultSpec()
     return _load_cached(Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(spec), spec)
 
 

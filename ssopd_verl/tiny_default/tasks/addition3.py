@@ -1,5 +1,5 @@
-"""A harder task for the tiny default: three-digit addition, three columns and up to three carries, with more
-places to slip than the default task's two-digit addition.
+"""A harder task for the tiny default: three-digit addition, three columns with carries into the tens and the
+hundreds, more places to slip than the default task's two-digit addition.
 
 The user turn is ``"What is 347 + 586? Please reason step by step, and put your final answer within \\boxed{}."``
 and the worked completion ``"<think>\\n7+6=13\\n4+8+1=13\\n3+5+1=9\\n</think>\\n\\n\\boxed{933}"``: column sums
@@ -17,7 +17,11 @@ student warm-started on these sits lower than on the default task, spread over m
 
 Why a second task: on the default task every method's greedy validation accuracy rises from 0.55 to ~0.7 in 12
 steps and saturates, too fast to separate GRPO from SSOPD. Here the preset (:data:`SPEC_DEFAULTS`) puts the
-sampled student lower (band 0.1-0.4) with the teacher prompt far above it.
+sampled student lower (band 0.1-0.4) with the teacher prompt far above it. Measured (seed 0, the manifest's
+held-out measurement: 128 val problems x 4 samples, temperature 1): student 0.244, teacher prompt 0.961, greedy
+student 0.258; the warm start met its targets at step 500 (check: student 0.301, teacher prompt 0.965); 2,712 s of
+one core on the shared 2-core machine (load 8-20). The student's accuracy differs by kind of problem (8 samples on
+128 RL train problems: 0.56 without carries, 0.09-0.15 with one or two; 96 of the 128 groups mixed, 31 all wrong).
 
 Reward: the same ``data_source`` as the default task (``"lighteval/MATH"``, integer answers; see
 :mod:`.addition`).
