@@ -6,7 +6,9 @@
 
 Each (method, seed) is one `python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default` run with
 the same start checkpoint (the tiny default), data and rollout budget (batch, group size, steps); only the method's
-overrides and the seed differ. Methods (``--methods``, default all four):
+overrides and the seed differ. ``--tiny addition3`` runs them on ``+tiny=addition3`` instead (the harder task:
+three-digit addition; build it first with ``python -m ssopd_verl.tiny_default --task addition3``). Methods
+(``--methods``, default all four):
 
   grpo           ssopd.lambda=0: GRPO through the same trainer (the pairing is measured, nothing distilled)
   ssopd          the live self-teacher (current weights), witness = shortest correct completion
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--save-freq", type=int, default=-1, help="checkpoint every N steps (default: never)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank for every method (0: full fine-tuning)")
     p.add_argument("--lr", type=float, default=None, help="actor learning rate (default: the tiny default's)")
+    p.add_argument("--tiny", default="default", help="the tiny overlay, +tiny=<this>: default (2-digit addition) or "
+                   "addition3 (the harder 3-digit addition; build it first: python -m ssopd_verl.tiny_default "
+                   "--task addition3)")
     p.add_argument("--threshold", type=float, default=None, help="accuracy for 'first step >=' (default: start + 0.1)")
     p.add_argument("--doc", default=None, help="markdown file whose experiment section to replace")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -103,7 +108,7 @@ def run_one(args, method: str, seed: int) -> Path:
     tracker file. A run with a ``done.json`` is not repeated."""
     run_dir = Path(args.out).resolve() / "runs" / f"{method}-s{seed}"
     tracker = run_dir / PROJECT / f"{method}-s{seed}.jsonl"
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", f"+tiny={args.tiny}",
                *run_overrides(args, method, seed, run_dir)]  # fmt: skip
     if args.dry_run:
         print(shlex.join(command))
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     steps = sorted({b.step for bs in bands.values() for b in bs})
     at_steps = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
     setup = f"LoRA rank {args.lora_rank}" if args.lora_rank > 0 else "full fine-tuning"
-    title = f"tiny default, {setup}: validation accuracy (greedy, 128 problems), mean and range over {args.seeds} seeds"
+    tiny = "tiny default" if args.tiny == "default" else f"tiny default +tiny={args.tiny}"
+    title = f"{tiny}, {setup}: validation accuracy (greedy, 128 problems), mean and range over {args.seeds} seeds"
     plot_seed_bands(bands, out / "evidence.png", title)
     run_seconds = [json.loads((p.parents[1] / "done.json").read_text())["seconds"] for ps in trackers.values() for p in ps]
     command = "python scripts/experiment_cpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -90,6 +90,13 @@ def test_experiment_commands_differ_only_by_method_and_seed(tmp_path):
     assert "ssopd.witness_source=reference_solution" in commands[3]
 
 
+def test_experiment_on_the_harder_task_changes_only_the_overlay(tmp_path):
+    base = _experiment("--out", str(tmp_path), "--dry-run", "--methods", "grpo,ssopd")
+    hard = _experiment("--out", str(tmp_path), "--dry-run", "--methods", "grpo,ssopd", "--tiny", "addition3")
+    assert base.returncode == hard.returncode == 0, base.stderr + hard.stderr
+    assert hard.stdout == base.stdout.replace("+tiny=default", "+tiny=addition3") != base.stdout
+
+
 def test_experiment_refuses_initial_teacher_without_lora_and_unknown_methods(tmp_path):
     proc = _experiment("--out", str(tmp_path), "--dry-run")
     assert proc.returncode == 2 and "--lora-rank" in proc.stderr

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ssopd_verl import tiny_default as td
+from ssopd_verl.tiny_default.tasks import addition3 as a3
 from ssopd_verl.tiny_default.tasks.addition import Addition
 from ssopd_verl.tiny_tokenizer import QWEN3_SPECIAL_TOKENS
 
@@ -565,3 +566,196 @@ def test_a_second_task_is_a_registry_entry(monkeypatch, tmp_path):
     tokenizer = td.build_tokenizer(spec)
     assert tokenizer.decode(td.prompt_ids(tokenizer, splits["val"][0])).startswith("<|im_start|>user\nWhat is ")
     assert td.build_tiny_default(tmp_path / "sub", spec=spec) == result  # cached under its own spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The harder task, addition3 (three-digit addition): its problems, solutions, slips, preset, rows and overlay. No
+# full build here (it takes ~10 min); a CHEAP-sized build of its preset goes through the unchanged pipeline.
+
+
+def test_addition3_text_and_answers():
+    p = a3.Problem3(347, 586)
+    assert p.prompt == "What is 347 + 586? " + td.INSTRUCTION and p.messages == [{"role": "user", "content": p.prompt}]
+    assert p.answer == "933"
+    assert p.solution == "<think>\n7+6=13\n4+8+1=13\n3+5+1=9\n</think>\n\n\\boxed{933}"
+    assert a3.Problem3(999, 999).solution == "<think>\n9+9=18\n9+9+1=19\n9+9+1=19\n</think>\n\n\\boxed{1998}"
+    assert a3.Problem3(120, 305).solution == "<think>\n0+5=5\n2+0=2\n1+3=4\n</think>\n\n\\boxed{425}"
+    assert (p.carry_columns, a3.Problem3(510, 620).carry_columns, a3.Problem3(105, 105).carry_columns) == (
+        (1, 2),
+        (),  # 5+6=11 carries out of the hundreds only: no column receives it
+        (1,),
+    )
+    for a, b in [(100, 100), (999, 999), (555, 445), (909, 191), (123, 877)]:
+        q = a3.Problem3(a, b)
+        assert td.is_correct(q.solution, q.answer) and int(q.answer) == a + b
+
+
+def test_addition3_slipped_solutions():
+    import random
+
+    rng = random.Random(0)
+    # 347 + 586 carries into the tens and the hundreds: either carry can be the one dropped
+    drops = {a3.Problem3(347, 586).slipped_solution(rng) for _ in range(40)}
+    assert drops == {
+        "<think>\n7+6=13\n4+8=12\n3+5+1=9\n</think>\n\n\\boxed{923}",
+        "<think>\n7+6=13\n4+8+1=13\n3+5=8\n</think>\n\n\\boxed{833}",
+    }
+    columns_off = set()
+    problems = a3.Addition3().problems(td.TinyDefaultSpec.for_task("addition3"))[:3000]
+    for p in problems:
+        slipped = p.slipped_solution(rng)
+        assert not td.is_correct(slipped, p.answer) and slipped.startswith("<think>\n")
+        assert slipped.count("\n") == p.solution.count("\n")
+        got = int(slipped.rsplit("{", 1)[1].rstrip("}"))
+        good, bad = p.solution.split("\n")[1:4], slipped.split("\n")[1:4]
+        first = next(i for i, (g, s) in enumerate(zip(good, bad)) if g != s)  # the slipped column
+        if p.carry_columns:  # one carry dropped: that column loses its +1, the answer 10^column short
+            assert first in p.carry_columns
+            assert good[first].replace("+1=", "=", 1).split("=")[0] == bad[first].split("=")[0]
+            assert got == int(p.answer) - 10**first
+        else:  # one column sum off by one: the answer 10^column off
+            assert abs(got - int(p.answer)) == 10**first and good[first].split("=")[0] == bad[first].split("=")[0]
+            columns_off.add(first)
+    assert columns_off == {0, 1, 2}
+
+
+def test_addition3_problems_and_preset():
+    spec = td.TinyDefaultSpec.for_task("addition3")
+    assert spec.task == "addition3" and isinstance(td.get_task("addition3"), a3.Addition3)
+    assert (spec.min_operand, spec.max_operand) == (100, 999)
+    assert spec.band == a3.SPEC_DEFAULTS["band"]
+    assert spec.student_correct_frac == a3.SPEC_DEFAULTS["student_correct_frac"]
+    problems = a3.Addition3().problems(spec)
+    assert len(problems) == len(set(problems)) == a3.N_PROBLEMS
+    assert all(100 <= p.a <= 999 and 100 <= p.b <= 999 for p in problems)
+    assert problems == a3.Addition3().problems(dataclasses.replace(spec, seed=5))  # the seed only splits them
+    assert sum(bool(p.carry_columns) for p in problems) > a3.N_PROBLEMS // 2
+    splits = td.make_splits(spec)
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sizes == {"val": 128, "train": 512, "check": 128, "sft": a3.N_PROBLEMS - 768}
+    seen = [set(v) for v in splits.values()]
+    assert sum(map(len, seen)) == len(set().union(*seen))  # disjoint
+    assert splits == td.make_splits(spec) and splits["val"] != td.make_splits(dataclasses.replace(spec, seed=1))["val"]
+    # a smaller operand range: every pair when there are fewer than N_PROBLEMS
+    small = a3.Addition3().problems(dataclasses.replace(spec, min_operand=100, max_operand=119))
+    assert sorted((p.a, p.b) for p in small) == [(a, b) for a in range(100, 120) for b in range(100, 120)]
+    # presets: the default task's is the default spec (cache key unchanged); this one is its own build
+    assert td.TinyDefaultSpec.for_task() == td.TinyDefaultSpec.for_task("addition") == td.TinyDefaultSpec()
+    assert td.TinyDefaultSpec.for_task().digest() == td.TinyDefaultSpec().digest()
+    assert td.default_cache_dir(spec) != td.default_cache_dir() and spec.to_dict()["task"] == "addition3"
+    assert td.TinyDefaultSpec.from_dict(spec.to_dict()) == spec
+    assert td.TinyDefaultSpec.for_task("addition3", train_steps=7).train_steps == 7
+    with pytest.raises(ValueError, match="unknown tiny-default task"):
+        td.TinyDefaultSpec.for_task("nope")
+
+
+def test_addition3_parquet_rows():
+    from ssopd_verl.tiny_default.tasks import parquet_rows
+
+    spec = td.TinyDefaultSpec.for_task("addition3")
+    val = td.make_splits(spec)["val"]
+    rows = parquet_rows(td.get_task("addition3"), val, "val")
+    assert len(rows) == spec.n_val
+    for i, (row, p) in enumerate(zip(rows, val)):
+        assert row["data_source"] == td.DATA_SOURCE and row["ability"] == "math"
+        assert row["prompt"] == [{"role": "user", "content": f"What is {p.a} + {p.b}? {td.INSTRUCTION}"}]
+        assert row["reward_model"] == {"style": "rule", "ground_truth": str(p.a + p.b)}
+        assert row["extra_info"] == {"split": "val", "index": i, "solution": p.solution}
+        assert td.is_correct(row["extra_info"]["solution"], row["reward_model"]["ground_truth"])
+
+
+def test_addition3_cheap_build(tmp_path):
+    """The preset with a CHEAP-sized warm start through the unchanged pipeline: its own data, the completions fit
+    the preset's max_new_tokens with the trained tokenizer, deterministic rows."""
+    import random
+
+    import pandas as pd
+
+    cheap = {k: getattr(CHEAP, k) for k in ("train_steps", "check_every", "band", "teacher_min", "check_samples",
+                                            "heldout_samples", "max_new_tokens")}  # fmt: skip
+    spec = td.TinyDefaultSpec.for_task("addition3", **cheap)
+    result = td.build_tiny_default(tmp_path / "a3", spec=spec)
+    assert result.steps == 10 and result.manifest["spec"] == spec.to_dict()
+    assert result.manifest["spec"]["task"] == "addition3" and result.data_source == td.DATA_SOURCE
+    splits = td.make_splits(spec)
+    train, val = pd.read_parquet(result.train_file), pd.read_parquet(result.val_file)
+    assert list(val["prompt"].map(lambda m: m[0]["content"])) == [p.prompt for p in splits["val"]]
+    assert list(train["reward_model"].map(lambda r: r["ground_truth"])) == [p.answer for p in splits["train"]]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result.model_path)
+    preset = td.TinyDefaultSpec.for_task("addition3")
+    rng = random.Random(0)
+    texts = [p.solution for p in splits["val"]] + [p.slipped_solution(rng) for p in splits["val"]]
+    lengths = [len(td.completion_ids(tokenizer, text)) for text in texts]
+    assert max(lengths) <= min(preset.max_new_tokens, 48) - 8  # room to spare under the overlay's 48 tokens
+    assert td.build_tiny_default(tmp_path / "a3", spec=spec) == result
+
+
+def test_resolver_picks_the_tasks_preset(monkeypatch):
+    """`${ssopd_tiny:model_path}` builds the default spec, as before; `${ssopd_tiny:model_path,addition3}` the
+    task's preset (what `python -m ssopd_verl.tiny_default --task addition3` builds)."""
+    from ssopd_verl.tiny_default import build
+
+    specs = []
+
+    def fake_build(cache_dir=None, *, force=False, spec=None, progress=None):
+        specs.append(spec)
+        return td.TinyDefault(model_path=f"m-{spec.task}", train_file="t", val_file="v", accuracy=0.0, steps=0)
+
+    monkeypatch.setattr(build, "build_tiny_default", fake_build)
+    assert td.resolve_path("model_path") == "m-addition"
+    assert td.resolve_path("model_path", "addition3") == "m-addition3"
+    assert td.resolve_path("val_file", "addition3") == "v"
+    preset = td.TinyDefaultSpec.for_task("addition3")
+    assert specs == [td.TinyDefaultSpec(), preset, preset]
+    with pytest.raises(ValueError, match="expected one of"):
+        td.resolve_path("solution", "addition3")
+    with pytest.raises(ValueError, match="unknown tiny-default task"):
+        td.resolve_path("model_path", "nope")
+
+
+def test_addition3_overlay_is_the_default_but_for_the_build():
+    """`+tiny=addition3` composed by verl's config (in process, interpolations unresolved): the `+tiny=default`
+    config except the model and data paths (the task's build) and the experiment name."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        base = ["+recipe=ssopd", "+platform=cpu"]
+        default = flat(OmegaConf.to_container(compose("ppo_trainer", overrides=[*base, "+tiny=default"])))
+        hard = flat(OmegaConf.to_container(compose("ppo_trainer", overrides=[*base, "+tiny=addition3"])))
+    assert set(default) == set(hard)
+    differ = {k: (default[k], hard[k]) for k in default if default[k] != hard[k]}
+    assert differ == {
+        "actor_rollout_ref.model.path": ("${ssopd_tiny:model_path}", "${ssopd_tiny:model_path,addition3}"),
+        "data.train_files": ("${ssopd_tiny:train_file}", "${ssopd_tiny:train_file,addition3}"),
+        "data.val_files": ("${ssopd_tiny:val_file}", "${ssopd_tiny:val_file,addition3}"),
+        "trainer.experiment_name": ("tiny-ssopd", "tiny-addition3-ssopd"),
+    }
+
+
+def test_addition3_build_meets_its_targets_when_cached():
+    """The preset's real build is not made here (tens of minutes of one core on the shared machine): when it is
+    cached (`python -m ssopd_verl.tiny_default --task addition3`, or a `+tiny=addition3` run), its manifest's
+    held-out measurement must show what the preset is for: a low student, the teacher prompt far above it."""
+    spec = td.TinyDefaultSpec.for_task("addition3")
+    result = td.cached_tiny_default(spec=spec)
+    if result is None:
+        pytest.skip("the addition3 preset is not built in this cache")
+    lo, hi = spec.band
+    h = result.heldout
+    assert result.manifest["spec"] == spec.to_dict() and Path(result.cache_dir) == td.default_cache_dir(spec)
+    assert lo <= result.accuracy <= hi and result.teacher_accuracy >= spec.teacher_min
+    assert lo <= h["student_accuracy"] <= hi
+    assert h["teacher_accuracy"] - h["student_accuracy"] >= 0.3
+    assert 0.0 < h["student_greedy_accuracy"] < 1.0
+    # 4 samples per problem at p ~ 0.25 leave many groups unmixed by chance (the seed-0 build: 63 of 128; with the
+    # RL group size 8, 96 of 128 training problems gave mixed groups)
+    assert h["mixed_problems"] >= 0.4 * spec.n_val

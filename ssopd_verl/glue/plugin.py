@@ -6,7 +6,8 @@ It registers, through verl's own registries:
 * the reward manager `ssopd` (verl's reward-manager registry: the naive manager plus degeneration flags),
 * from the CPU runtime `ssopd_verl.cpu` (a CPU backend for verl, not part of SSOPD): a CPU platform and CPU FSDP
   engines, used only when `VERL_PLATFORM=cpu`, and the rollout backend `hf` on transformers `generate`,
-* the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` overlay uses for the embedded model and data.
+* the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` (and `+tiny=addition3`) overlay uses for the embedded
+  model and data.
 
 verl logs a failing plugin at DEBUG level only and goes on; `tests/test_registration.py` checks in a fresh
 process that `import verl` alone makes everything available. One failure must not pass silently: a run that
@@ -67,7 +68,8 @@ def register() -> None:
 
 
 def register_tiny_default_resolver() -> None:
-    """`${ssopd_tiny:model_path}` etc. in the `+tiny=default` overlay: the embedded model and data, built on first use."""
+    """`${ssopd_tiny:model_path}` etc. in the `+tiny=default` overlay (`${ssopd_tiny:model_path,addition3}` in
+    `+tiny=addition3`): the embedded model and data, built on first use."""
     from omegaconf import OmegaConf
 
     from ssopd_verl import tiny_default

@@ -7,7 +7,9 @@ package *builds* one, deterministically, from nothing but the installed librarie
 
 1. **Task** (:mod:`.tasks`): two-digit addition with a verifiable ``\\boxed{}`` answer and a worked completion
    (:mod:`.tasks.addition`), behind a small :class:`~.tasks.base.Task` protocol and registry: a second task is a
-   new module and one registry entry, picked with ``TinyDefaultSpec(task=...)``. Its problems are shuffled with
+   new module and one registry entry, picked with ``TinyDefaultSpec(task=...)`` or, with the task's preset,
+   ``TinyDefaultSpec.for_task(...)``. The second task is :mod:`.tasks.addition3`, three-digit addition, harder
+   (``+tiny=addition3``). Its problems are shuffled with
    the seed and split into disjoint sets: the RL validation and train parquet files (never seen in the warm
    start), the held-out accuracy-check problems, and the supervised warm-start set (the rest).
 2. **Tokenizer** (:mod:`.tokenizer`): a compact byte-level BPE in Qwen's layout trained on the warm-start
@@ -24,8 +26,10 @@ package *builds* one, deterministically, from nothing but the installed librarie
    (``~/.cache/ssopd_verl``) under a file lock, found again by spec and file hashes. :mod:`.spec` holds
    :class:`TinyDefaultSpec`, everything that determines a build.
 
-CLI: ``python -m ssopd_verl.tiny_default [--cache-dir D] [--force] [--seed S] [--task T]``. In verl:
-``+tiny=default``, whose ``${ssopd_tiny:...}`` paths build it on first use (:func:`~.build.resolve_path`). Chat
+CLI: ``python -m ssopd_verl.tiny_default [--cache-dir D] [--force] [--seed S] [--task T]`` (``--task``: that task's
+preset). In verl: ``+tiny=default``, whose ``${ssopd_tiny:...}`` paths build it on first use
+(:func:`~.build.resolve_path`); ``+tiny=addition3``, the same settings on the harder task's build
+(``${ssopd_tiny:model_path,addition3}``, i.e. ``TinyDefaultSpec.for_task("addition3")``). Chat
 template: Qwen3's default (thinking on), i.e. verl's default ``data.apply_chat_template_kwargs={}``
 (:data:`CHAT_TEMPLATE_KWARGS`). Reward: ``data_source`` ``"lighteval/MATH"`` (:data:`DATA_SOURCE`;
 :mod:`.tasks.addition` says what verl does with it).

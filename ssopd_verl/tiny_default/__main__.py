@@ -17,16 +17,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ssopd_verl.tiny_default",
         description="Build (once, cached) the embedded tiny default: a compact-vocabulary Qwen3 warm-started into "
-        "the frontier of its task (2-digit addition), plus verl train/val parquet files.",
+        "the frontier of its task (default: 2-digit addition; --task addition3: 3-digit addition), plus verl "
+        "train/val parquet files.",
     )
     parser.add_argument("--cache-dir", default=None, help=f"build directory (default: {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build is cached")
     parser.add_argument("--seed", type=int, default=None, help="seed (non-default seeds get their own directory)")
     parser.add_argument(
-        "--task", default=DEFAULT_TASK, choices=sorted(TASKS), help="task (other tasks get their own directory)"
+        "--task",
+        default=DEFAULT_TASK,
+        choices=sorted(TASKS),
+        help="task, built with its preset TinyDefaultSpec.for_task(task) (other tasks get their own directory)",
     )
     args = parser.parse_args(argv)
-    spec = TinyDefaultSpec(task=args.task, **({} if args.seed is None else {"seed": args.seed}))
+    # the task's preset (its operand range, warm-start mix and targets): for the default task the default spec
+    spec = TinyDefaultSpec.for_task(args.task, **({} if args.seed is None else {"seed": args.seed}))
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -17,7 +17,8 @@ Determinism: the same spec (seed included) gives byte-identical files on the sam
 (``num_threads``, default 1, set for the warm start and restored after: one thread is also the fastest on a shared
 2-core machine) and CPU; the manifest records them. The global torch RNG is left untouched.
 
-Also the Hydra resolver ``${ssopd_tiny:model_path}`` of the ``+tiny=default`` overlay (:func:`resolve_path`).
+Also the Hydra resolver ``${ssopd_tiny:model_path}`` of the ``+tiny=default`` overlay, and
+``${ssopd_tiny:model_path,<task>}`` (a task's preset build) of ``+tiny=addition3`` (:func:`resolve_path`).
 
 Imports: the standard library at module level (a cached build is returned without importing torch); torch,
 transformers, tokenizers and pandas inside the build; verl never.
@@ -112,10 +113,12 @@ def _versions() -> dict:
     return out
 
 
-def cached_tiny_default(cache_dir: Optional[os.PathLike | str] = None) -> Optional[TinyDefault]:
-    """The default build if it is in the cache (``cache_dir`` or :func:`default_cache_dir`) and intact; None if it
-    still has to be built. Never trains."""
-    spec = TinyDefaultSpec()
+def cached_tiny_default(
+    cache_dir: Optional[os.PathLike | str] = None, spec: Optional[TinyDefaultSpec] = None
+) -> Optional[TinyDefault]:
+    """The build of ``spec`` (default: the default spec) if it is in the cache (``cache_dir`` or
+    :func:`default_cache_dir`) and intact; None if it still has to be built. Never trains."""
+    spec = spec or TinyDefaultSpec()
     return _load_cached(Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(spec), spec)
 
 
@@ -297,16 +300,22 @@ def build_tiny_default(
     return _result(cache_dir, manifest)
 
 
-# Hydra resolver: `${ssopd_tiny:model_path}` in the `+tiny=default` overlay (registered by the verl plugin).
+# Hydra resolver: `${ssopd_tiny:model_path}` in the `+tiny=default` overlay, `${ssopd_tiny:model_path,addition3}`
+# in `+tiny=addition3` (registered by the verl plugin).
 
 RESOLVER = "ssopd_tiny"
 
 
-def resolve_path(field_name: str) -> str:
-    """A path of the tiny default for a config interpolation; builds it (once, cached) on first use."""
+def resolve_path(field_name: str, task: Optional[str] = None) -> str:
+    """A path of the tiny default for a config interpolation; builds it (once, cached) on first use.
+
+    ``${ssopd_tiny:model_path}`` (no task): the default build, ``TinyDefaultSpec()``.
+    ``${ssopd_tiny:model_path,addition3}``: the build of that task's preset, ``TinyDefaultSpec.for_task(task)``,
+    the one ``python -m ssopd_verl.tiny_default --task addition3`` builds (same cache directory)."""
     allowed = ("model_path", "train_file", "val_file")
     if field_name not in allowed:
         raise ValueError(f"${{{RESOLVER}:{field_name}}}: expected one of {allowed}")
+    spec = TinyDefaultSpec() if task is None else TinyDefaultSpec.for_task(str(task))
     # "ssopd: " so that scripts/run_tiny_cpu.sh, which shows only our lines, shows the first-use build's progress
-    built = build_tiny_default(progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
+    built = build_tiny_default(spec=spec, progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
     return getattr(built, field_name)

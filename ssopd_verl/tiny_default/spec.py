@@ -2,7 +2,7 @@
 on every cache lookup (a different spec means a different build; a non-default spec gets its own cache directory,
 named with :meth:`TinyDefaultSpec.digest`).
 
-Pure: the standard library only.
+Pure: the standard library only (and, inside :meth:`TinyDefaultSpec.for_task`, the task registry).
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ class TinyDefaultSpec:
         if "band" in d:
             d["band"] = tuple(d["band"])
         return cls(**d)
+
+    @classmethod
+    def for_task(cls, task: str = DEFAULT_TASK, **overrides) -> "TinyDefaultSpec":
+        """The task's preset: the default spec with ``task`` and the task's ``spec_defaults`` (its operand range,
+        warm-start mix and targets), then ``overrides``. ``for_task()`` / ``for_task("addition")`` is
+        ``TinyDefaultSpec()``; ``for_task("addition3")`` is the harder task's tuned spec."""
+        from ssopd_verl.tiny_default.tasks import get_task
+
+        fields = {"task": task, **dict(getattr(get_task(task), "spec_defaults", {}) or {}), **overrides}
+        return dataclasses.replace(cls(), **fields)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()

@@ -8,7 +8,9 @@ writes a split in verl's RL format: ``data_source``, ``prompt`` (chat messages),
 worked completion, used by the OPSD ``reference_solution`` witness).
 
 Adding a task: a module next to :mod:`.addition` with a class implementing :class:`Task` (its problems implement
-:class:`TaskProblem`), and its instance in :data:`TASKS`; build it with ``TinyDefaultSpec(task=<its name>)``.
+:class:`TaskProblem`), and its instance in :data:`TASKS`; build it with ``TinyDefaultSpec(task=<its name>)``, or
+with its preset (the task's ``spec_defaults``) ``TinyDefaultSpec.for_task(<its name>)``. :mod:`.addition3`
+(three-digit addition, ``"addition3"``) is the second task.
 
 Pure: no torch, no verl.
 """
@@ -19,12 +21,14 @@ import random
 from typing import Sequence
 
 from ssopd_verl.tiny_default.tasks.addition import Addition
+from ssopd_verl.tiny_default.tasks.addition3 import Addition3
 from ssopd_verl.tiny_default.tasks.base import INSTRUCTION, Task, TaskProblem, is_correct
 
 __all__ = ["INSTRUCTION", "TASKS", "Task", "TaskProblem", "get_task", "is_correct", "make_splits", "parquet_rows"]
 
 # name -> task. The default spec's task ("addition") must stay here: the cache of every existing build uses it.
-TASKS: dict = {task.name: task for task in (Addition(),)}
+# "addition3": three-digit addition, harder (TinyDefaultSpec.for_task("addition3"), +tiny=addition3).
+TASKS: dict = {task.name: task for task in (Addition(), Addition3())}
 
 
 def get_task(name: str) -> Task:

@@ -111,6 +111,7 @@ class Addition:
     name = "addition"
     data_source = DATA_SOURCE
     ability = ABILITY
+    spec_defaults: dict = {}  # the default spec is this task's preset
 
     def problems(self, spec) -> list:
         lo, hi = spec.min_operand, spec.max_operand

@@ -54,6 +54,8 @@ class Task(Protocol):
     name: str  # the key in TASKS and the value of TinyDefaultSpec.task
     data_source: str  # the parquet files' data_source column: it picks verl's default scorer
     ability: str  # the parquet files' ability column
+    # the task's preset: TinyDefaultSpec fields that TinyDefaultSpec.for_task(name) sets (optional; none: {})
+    spec_defaults: dict
 
     def problems(self, spec) -> Sequence[TaskProblem]:
         """Every problem for ``spec`` (a :class:`~ssopd_verl.tiny_default.spec.TinyDefaultSpec`; the task reads
