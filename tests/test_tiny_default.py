@@ -740,22 +740,3 @@ def test_addition3_overlay_is_the_default_but_for_the_build():
         "trainer.experiment_name": ("tiny-ssopd", "tiny-addition3-ssopd"),
     }
 
-
-def test_addition3_build_meets_its_targets_when_cached():
-    """The preset's real build is not made here (tens of minutes of one core on the shared machine): when it is
-    cached (`python -m ssopd_verl.tiny_default --task addition3`, or a `+tiny=addition3` run), its manifest's
-    held-out measurement must show what the preset is for: a low student, the teacher prompt far above it."""
-    spec = td.TinyDefaultSpec.for_task("addition3")
-    result = td.cached_tiny_default(spec=spec)
-    if result is None:
-        pytest.skip("the addition3 preset is not built in this cache")
-    lo, hi = spec.band
-    h = result.heldout
-    assert result.manifest["spec"] == spec.to_dict() and Path(result.cache_dir) == td.default_cache_dir(spec)
-    assert lo <= result.accuracy <= hi and result.teacher_accuracy >= spec.teacher_min
-    assert lo <= h["student_accuracy"] <= hi
-    assert h["teacher_accuracy"] - h["student_accuracy"] >= 0.3
-    assert 0.0 < h["student_greedy_accuracy"] < 1.0
-    # 4 samples per problem at p ~ 0.25 leave many groups unmixed by chance (the seed-0 build: 63 of 128; with the
-    # RL group size 8, 96 of 128 training problems gave mixed groups)
-    assert h["mixed_problems"] >= 0.4 * spec.n_val
