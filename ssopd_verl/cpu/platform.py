@@ -317,11 +317,13 @@ class _CPUPlatformMethods:
         return None
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"  # a logical Ray GPU per trainer rank (see the module docstring)
 
     def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-        # Ray rejects "CPU" as a custom resource; a trainer rank asks for (a share of) one CPU instead.
-        return {"num_cpus": num_gpus}
+        return {"num_gpus": num_gpus}
+
+    def rollout_env_vars(self) -> dict[str, str]:
+        return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
     def ray_noset_envvars(self) -> list[str]:
         return []
