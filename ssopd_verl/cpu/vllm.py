@@ -17,7 +17,9 @@ verl function patched:
   ``is_ipc_supported()`` is False, so verl's ``ServerAdapter`` sends the actor's weights through shared memory
   (``BucketedWeightSender(use_shm=True)``) instead of CUDA IPC; ``rollout_env_vars()`` gives the vLLM server its
   KV-cache size (``VLLM_CPU_KVCACHE_SPACE``, GiB; default 1).
-* The ``+platform=cpu`` overlay: no sleep mode (vLLM's CPU worker has none), eager mode, a small weight bucket.
+* The ``+platform=cpu`` overlay: no sleep mode (vLLM's CPU worker has none), eager mode, a small weight bucket, and
+  ``rollout.engine_kwargs.vllm.worker_extension_cls`` = :class:`ssopd_verl.cpu.vllm_worker.CPUWorkerExtension`,
+  which loads verl's weight stream through vLLM's layerwise reload (vLLM's CPU linear layers repack their weights).
 * :class:`StartupCheck`, a Hydra callback of the overlay: ``rollout.name=vllm`` without ``vllm-cpu``, or with a
   version not tested here, stops before Ray starts, printing the install command.
 """
@@ -49,7 +51,7 @@ def check_vllm_cpu() -> str:
     found = installed_vllm_cpu()
     if found == TESTED_VLLM_CPU:
         return found
-    what = "is not installed" if found is None else f"{found} is installed, but this package is tested with {TESTED_VLLM_CPU} only"
+    what = "is not installed" if found is None else f"{found} is installed, but only {TESTED_VLLM_CPU} is tested"
     raise RuntimeError(
         f"actor_rollout_ref.rollout.name=vllm on CPU needs vllm-cpu=={TESTED_VLLM_CPU}: vllm-cpu {what}. "
         f"Install it with `{INSTALL_COMMAND}` (from the repository root), or use the transformers rollout "

