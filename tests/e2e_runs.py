@@ -10,6 +10,8 @@
 * L, the nine launch scripts shrunk for CPU (``CPU_SMOKE=1``, ``scripts/launch/common.sh``), one step each, two
   ranks: dynamic batching with a budget that gives rows micro-batches of their own, LoRA with the initial teacher
   and a distillation horizon (SETUP=reported), parameter and optimizer offload on the 8B scripts.
+* V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
+  2 steps, a checkpoint at step 2.
 
 Each writes its log (``ROOT/<run>/main_ppo.log``) and verl's file tracker under ROOT. ``tests/conftest.py`` starts
 this in a background process when the e2e tests are collected (after building the tiny default), so that the runs
@@ -79,7 +81,7 @@ ULYSSES = ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2
 
 
 def metrics(root: Path) -> dict:
-    """What the runs logged, by step: {"main", "resumed", "experiment", "dp2", "sp2", "launch": {script: ...}}."""
+    """What the runs logged, by step: {"main", "resumed", "experiment", "dp2", "sp2", "vllm", "launch": {script: ...}}."""
     return {
         "main": tracker(root / "a" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "resumed": tracker(root / "c" / PROJECT / f"{EXPERIMENT}.jsonl"),
@@ -87,6 +89,7 @@ def metrics(root: Path) -> dict:
         "dp2": tracker(root / "b" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "sp2": tracker(root / "s" / PROJECT / f"{EXPERIMENT}.jsonl"),
         "launch": {name: tracker(root / "launch" / "logs" / "ssopd" / f"{name}.jsonl") for name in LAUNCH_SCRIPTS},
+        "vllm": tracker(root / "v" / PROJECT / f"{EXPERIMENT}.jsonl"),
     }
 
 
@@ -125,6 +128,8 @@ def run_all(root: Path) -> None:
          "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
          "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16", "actor_rollout_ref.actor.use_dynamic_bsz=true",
          f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"], root / "e", root / "e" / "experiment.log")  # fmt: skip
+    main_ppo(root / "v", "actor_rollout_ref.rollout.name=vllm", "trainer.total_training_steps=2", "trainer.save_freq=2",
+             "trainer.test_freq=2", "trainer.val_before_train=true")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Everything runs for real: Hydra + our overlays, Ray, TransferQueue, the agent lo
 backend, verl's reward loop with the bounded grader, the SSOPD trainer, worker and loss, checkpointing and resume.
 The embedded tiny default (built once into the user cache) gives mixed groups, so SSOPD has pairs.
 
-Three runs, one after the other (``tests/e2e_runs.py``; ``conftest.py`` starts them in the background at
+The runs, one after the other (``tests/e2e_runs.py``; ``conftest.py`` starts them in the background at
 collection, so that they overlap the other tests), share the work of several checks:
 
 * A, the README's main job (full fine-tuning, live teacher): validation, 3 steps, a checkpoint at step 2 (and at
@@ -18,6 +18,12 @@ collection, so that they overlap the other tests), share the work of several che
   disabled; ``ssopd.max_distill_tokens``), with dynamic batching that counts the teacher tokens. LoRA starts as
   the identity (B = 0), so with A's seed its step 1 samples exactly what A's step 1 sampled, and its step-0
   validation scores the start checkpoint exactly as A's did.
+* B and S, two ranks (data parallel 2 with the recipe's defaults; Ulysses sequence parallel 2) with one rollout
+  replica over both, so that their step 1 samples A's step 1: every ssopd/* metric must read what A's reads.
+* L, the nine launch scripts, shrunk for CPU (``CPU_SMOKE=1``), one step each on two ranks.
+* V, the main job with verl's vLLM rollout and weight sync (``actor_rollout_ref.rollout.name=vllm`` on vLLM's CPU
+  wheel) for 2 steps: what A asserts, plus the weights vLLM samples with at step 2 are the actor's weights after the
+  step-1 update (vLLM's log-probs equal the actor's recomputed ones).
 """
 
 import math
@@ -182,3 +188,29 @@ def test_launch_script_runs_shrunk_on_two_cpu_ranks(runs, name):
         return
     assert step["ssopd/pairs"] >= 1 and math.isfinite(step["ssopd/distill_loss"]) and step["ssopd/distill_loss"] != 0
     assert step["ssopd/distilled_tokens"] <= 16 * step["ssopd/pairs"]  # the shrunk distillation horizon
+
+
+# verl's `training/rollout_probs_diff_max`: the largest |p_rollout - p_actor| over the step's response tokens, the
+# rollout's probability of each sampled token against the actor's recomputation (old_log_probs) with the weights it
+# just synced. Measured with vLLM on CPU, both in fp32: ~5e-6 (rollout_corr/kl ~5e-8). Negative control (a one-off
+# run whose vLLM worker dropped every sync after the first, docs/vllm_cpu.md): at step 2, 0.18 (kl 3e-4).
+SYNC_TOLERANCE = 1e-4
+
+
+def test_vllm_rollout_run_trains_validates_checkpoints_and_samples_with_the_synced_weights(runs):
+    steps, main, root = runs["vllm"], runs["main"], runs["root"]
+    assert {0, 1, 2} <= set(steps)
+    for step in (1, 2):
+        ssopd = {k: v for k, v in steps[step].items() if k.startswith("ssopd/")}
+        assert all(math.isfinite(v) for v in ssopd.values()), ssopd
+        assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/distill_loss"] != 0 and ssopd["ssopd/kl_unclipped"] > 0
+        assert steps[step]["training/rollout_probs_diff_max"] < SYNC_TOLERANCE, steps[step]
+        assert abs(steps[step]["rollout_corr/kl"]) < 1e-6, steps[step]  # measured ~1e-7
+    assert validation(steps[0]) and validation(steps[2])
+    # the same start checkpoint, greedy, fp32 in both engines: vLLM scores it as the hf rollout does, up to a near
+    # tie that vLLM's batch composition (which requests share a forward) may flip: at most 2 of the 128 problems
+    for key, value in validation(main[0]).items():
+        assert abs(validation(steps[0])[key] - value) <= 2 / 128, (key, value, validation(steps[0])[key])
+    log = (root / "v" / "main_ppo.log").read_text()
+    assert "vLLMHttpServer" in log and "HFRolloutServer" not in log  # vLLM served the run; no other engine did
+    assert (root / "v" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()

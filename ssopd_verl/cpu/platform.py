@@ -31,10 +31,17 @@ What else blocks verl's FSDP2 engine on CPU, and how it is handled:
 * Attention: HF configs default to flash-attention in ``HFModelConfig``; pass
   ``override_config={"attn_implementation": "sdpa"}``. Also use ``use_torch_compile=False`` and fp32 mixed
   precision (``mixed_precision={"param_dtype": "fp32", ...}``) for exact CPU results (see ``ssopd_verl.cpu.engine``).
-* Ray (for a later full trainer run): ``ray_resource_name()`` is "CPU" and ``ray_resource_options(n)`` is
-  ``{"num_cpus": n}``. verl's ``RayResourcePool`` then asks one CPU per trainer-rank bundle. verl's
-  ``ResourcePoolManager._check_resource_available`` still counts only "GPU"/"NPU" resources: declare logical GPUs
-  (``ray_init.num_gpus``) or override the check in the trainer.
+* Ray: every trainer rank holds one *logical* Ray GPU (``ray_resource_name()`` is "GPU",
+  ``ray_resource_options(n)`` is ``{"num_gpus": n}``; the ``+platform=cpu`` overlay declares
+  ``ray_init.num_gpus`` = trainer ranks). Nothing runs on a GPU: Ray only counts them. Two places in verl read
+  them: ``ResourcePoolManager._check_resource_available`` counts "GPU"/"NPU" resources, and verl's vLLM replica
+  (``vLLMReplica.launch_servers``) reads each rank's ``get_accelerator_ids()[get_resource_name()][0]``, which
+  exists for accelerator resources only (Ray has no accelerator id for "CPU"). Ray sets ``CUDA_VISIBLE_DEVICES``
+  in the ranks, which the CPU torch wheel ignores.
+* Rollout engines: ``rollout_env_vars()`` gives verl's vLLM server its KV-cache size (``VLLM_CPU_KVCACHE_SPACE``
+  in GiB, default 1; vLLM's CPU backend otherwise reserves ``gpu_memory_utilization`` of the host's memory), and
+  ``is_ipc_supported()`` is False, so verl sends the actor's weights to vLLM through shared memory
+  (``ssopd_verl.cpu.vllm``).
 
 Importing this module does not import verl (``CPUPlatform`` is built on first use; see ``_CPUPlatformMethods``).
 Registering the engines imports verl's FSDP engine module, whose import resolves verl's platform
@@ -317,11 +324,14 @@ class _CPUPlatformMethods:
         return None
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"  # a logical Ray GPU per trainer rank (see the module docstring)
 
     def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-        # Ray rejects "CPU" as a custom resource; a trainer rank asks for (a share of) one CPU instead.
-        return {"num_cpus": num_gpus}
+        return {"num_gpus": num_gpus}
+
+    def rollout_env_vars(self) -> dict[str, str]:
+        # verl's vLLMReplica passes these to its vLLM server actor (PlatformBase hook); GiB of KV cache
+        return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
     def ray_noset_envvars(self) -> list[str]:
         return []

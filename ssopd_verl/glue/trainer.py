@@ -16,6 +16,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 * `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
   `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
+* `_compute_advantage` first refuses a batch that lost completions (`check_complete_rollout`): verl pads over
+  failed rollout requests and trains on; a dead rollout engine must stop the run instead.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class SSOPDTrainer(PPOTrainerSync):
 
     # ---- step ------------------------------------------------------------------------------------------------
     def _compute_advantage(self, batch, metrics):
+        prompts = self.config.data.train_batch_size // self.parameter_sync_step  # what verl's step sampled
+        n = self.config.actor_rollout_ref.rollout.n
+        check_complete_rollout(batch.keys, batch.tags, prompts, n, self.global_steps)
         batch = super()._compute_advantage(batch, metrics)
         return self._plan_distillation(batch, metrics)
 
@@ -218,6 +223,31 @@ class SSOPDTrainer(PPOTrainerSync):
         )
         # The returned meta lists the new fields: the worker's fetch reads only the fields its meta names.
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+
+def check_complete_rollout(keys, tags, prompts: int, n: int, step) -> None:
+    """Refuse a batch that lost completions: every sampled prompt must come back with its n completions.
+
+    When a rollout request fails (a dead rollout engine: every request raises), verl 0.9.1's agent loop marks the
+    prompt's group as failed and its sync replay buffer keeps it "sampleable": the missing completions are left
+    out and the batch is padded with synthetic rows (``padding_utils.upsample_batch_to_divisible_size``), so the
+    step would train on what survived and the run would go on, or hang on the next weight sync. That must fail the
+    step, loudly. Rows are keyed ``{uid}_{session}_{index}``; verl's padding rows carry ``is_padding``.
+    """
+    per_prompt: dict[str, int] = {}
+    for key, tag in zip(keys, tags):
+        if not tag.get("is_padding", False):
+            uid = key.split("_")[0]
+            per_prompt[uid] = per_prompt.get(uid, 0) + 1
+    short = sorted(uid for uid, count in per_prompt.items() if count < n)
+    got = sum(per_prompt.values())
+    if len(per_prompt) < prompts or short:
+        raise RuntimeError(
+            f"step {step}: the rollout returned {got} of {prompts * n} completions ({prompts} prompts x n={n}; "
+            f"{prompts - len(per_prompt)} prompts came back empty, {len(short)} incomplete): rollout requests "
+            f"failed (see the rollout server's errors above, e.g. a dead vLLM engine). verl would pad the batch "
+            f"and train on the rest; stopping instead."
+        )
 
 
 def keep_previous_tracker_file(trainer_config) -> Optional[Path]:
