@@ -2,8 +2,10 @@
 
 Registered as trainer mode `ssopd` (`register_trainer`, verl's trainer registry); the recipe overlay selects it
 with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
-(sample -> reward -> balance -> old log-prob -> [ref] -> advantage -> update actor), with three additions:
+(sample -> reward -> balance -> old log-prob -> [ref] -> advantage -> update actor), with these additions:
 
+* `_balance_batch`: the step's rows are sorted by content (prompt, response) before verl's balancing, so that
+  their order, and every sum that follows it, does not depend on which completion finished first.
 * `_compute_advantage`: after verl computes the GRPO advantages (through our `ssopd` estimator), pair the
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
   to the batch (`distill_plan.plan_distillation`); count the completions whose grading timed out, was skipped
@@ -92,6 +94,16 @@ class SSOPDTrainer(PPOTrainerSync):
         return super().fit(agent_loop_manager)
 
     # ---- step ------------------------------------------------------------------------------------------------
+    def _balance_batch(self, batch, metrics, *args, **kwargs):
+        """verl's, on the rows sorted by content first. verl lists a step's rows in the order their completions
+        reached TransferQueue (timing); every later sum (micro-batches, losses, gradients) follows the list, and
+        float sums in another order differ in the last bits, enough to flip a sampled token steps later. Sorted by
+        (prompt, response) the same completions give the same numbers in every run (ties are identical rows)."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses"])
+        content = [(data["prompts"][i].tolist(), data["responses"][i].tolist()) for i in range(len(batch.keys))]
+        batch.reorder(sorted(range(len(content)), key=content.__getitem__))
+        return super()._balance_batch(batch, metrics, *args, **kwargs)
+
     def _compute_advantage(self, batch, metrics):
         batch = super()._compute_advantage(batch, metrics)
         return self._plan_distillation(batch, metrics)
