@@ -17,6 +17,7 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 * `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
   `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
+* `_build_replay_buffer`: `trainer.v1.sampler.sampler_kwargs.poll_interval` sets how often it polls for rollouts.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ class SSOPDTrainer(PPOTrainerSync):
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"
         super().__init__(config)
+
+    def _build_replay_buffer(self):
+        """verl's; ``trainer.v1.sampler.sampler_kwargs.poll_interval`` (s), if set, replaces its fixed 2 s wait
+        between polls for finished rollouts (every step's generation and every validation waits for the next poll:
+        on the tiny default a 1-2 s rollout took 4 s)."""
+        buffer = super()._build_replay_buffer()
+        poll = (self.config.trainer.v1.sampler.get("sampler_kwargs") or {}).get("poll_interval")
+        if poll is not None:
+            buffer.poll_interval = float(poll)
+        return buffer
 
     # ---- workers ----------------------------------------------------------------------------------------------
     def _init_resource_pool_mgr(self):
