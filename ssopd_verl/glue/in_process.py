@@ -94,7 +94,8 @@ def wait_for_run_gone(timeout_s: float = 120.0) -> None:
     """Clear what a finished run leaves in the Ray instance for the next run: verl's placement groups outlive the
     TaskRunner that created them (their names are the same in every run, so the next run's creation fails):
     remove them, which ends the actors placed in them; then wait until no named actor (the rollout server,
-    TransferQueue's) is left, since Ray ends those asynchronously."""
+    TransferQueue's) is left and every CPU and GPU resource is free again (every actor of the run has ended), since
+    Ray ends them asynchronously and two runs' processes side by side can exhaust the memory."""
     import time
 
     import ray
@@ -107,8 +108,10 @@ def wait_for_run_gone(timeout_s: float = 120.0) -> None:
     while True:
         names = ray.util.list_named_actors()
         groups = [g.get("name") for g in ray.util.placement_group_table().values() if g.get("state") != "REMOVED"]
-        if not names and not groups:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        held = {k: total[k] - free.get(k, 0.0) for k in ("CPU", "GPU") if total.get(k, 0.0) - free.get(k, 0.0) > 1e-6}
+        if not names and not groups and not held:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the last run's actors {names} and placement groups {groups} are still there")
+            raise RuntimeError(f"the last run's actors {names}, placement groups {groups}, resources {held} remain")
         time.sleep(0.2)
