@@ -1,6 +1,7 @@
 """Extra peak memory of SSOPD's distillation term over GRPO's, in a micro-batch of verl's shape, in logits units.
 
-What is measured (one subprocess per variant, CPU, peak resident memory as in bench_distill_loss.py): one
+What is measured (one subprocess per variant, CPU, the peak of the bytes torch allocates, from the profiler's
+memory records: deterministic, see ``peak_allocated_mb``): one
 forward + backward over a micro-batch's student logits, as verl's FSDP engine runs them in an SSOPD update:
 
 * ``grpo``: verl's own log-prob path (``verl.utils.torch_functional.logprobs_from_logits``, the pure-PyTorch path
@@ -35,10 +36,26 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_distill_loss import PeakRSS  # noqa: E402  (resident-memory peak of a block, same method)
-
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_allocated_mb(fn) -> float:
+    """Peak of the bytes torch allocates while ``fn`` runs, above what was allocated when it started, from the
+    profiler's memory records (``profile_memory=True``): every leaf op's net allocation and every free outside an
+    op, in time order. Deterministic (the same ops allocate the same bytes), unlike the resident set size, which
+    moves by tenths of a logits tensor from run to run with glibc's reuse of freed pages; a temporary an op both
+    allocates and frees inside itself is not seen (only its net)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, change in records:
+        live += change
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _losses_module(path):
@@ -86,11 +103,10 @@ def run_variant(variant: str, args) -> dict:
     step(**inputs(8, 4))  # warm-up: one-time allocations (kernels, thread pools) are not the loss's
     batch = inputs(m, n)
     logits = batch["logits"]
-    with PeakRSS() as mem:
-        step(**batch)
+    extra_mb = peak_allocated_mb(lambda: step(**batch))
     unit_mb = m * v * logits.element_size() / 2**20
     return {"variant": variant, "losses": args.losses or "ssopd_verl.losses", "gradient_sink": sink,
-            "extra_peak_mb": mem.extra_mb, "logits_unit_mb": unit_mb,
+            "extra_peak_mb": extra_mb, "logits_unit_mb": unit_mb,
             "grad_checksum": float(logits.grad.float().abs().sum())}  # fmt: skip
 
 

@@ -1,33 +1,42 @@
 #!/usr/bin/env python
-"""SSOPD vs GRPO vs OPSD on the embedded tiny default, on CPU, over seeds: one command, every run through verl.
+"""GRPO vs SSOPD variants on the embedded tiny default, on CPU, over seeds: every run through verl's main_ppo.
 
-  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --lora-rank 16 --lr 2e-4 --steps 12 \
-      --test-freq 3 --doc docs/evidence.md        # the run in docs/evidence.md
+  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --arms study --seeds 5 --steps 40 \
+      --test-freq 4 --lora-rank 16 --lr 2e-4 --runs docs/evidence/runs --doc docs/evidence.md   # run + report
+  .venv/bin/python scripts/experiment_cpu.py --report-only --runs docs/evidence/runs --doc docs/evidence.md
 
-Each (method, seed) is one `python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default` run with
-the same start checkpoint (the tiny default), data and rollout budget (batch, group size, steps); only the method's
-overrides and the seed differ. ``--tiny addition3`` runs them on ``+tiny=addition3`` instead (the harder task:
-three-digit addition; build it first with ``python -m ssopd_verl.tiny_default --task addition3``). Methods
-(``--methods``, default all four):
+Each (arm, seed) is one run of ``main_ppo +recipe=ssopd +platform=cpu +tiny=default`` with the same start
+checkpoint, data and rollout budget (batch, group size, steps); only the arm's overrides and the seed differ.
+``--tiny addition3`` runs them on ``+tiny=addition3`` instead (the harder task: three-digit addition; build it first
+with ``python -m ssopd_verl.tiny_default --task addition3``). The
+seed sets the training prompts' order (``data.seed``), the rollout's sampling (``actor_rollout_ref.rollout.seed``),
+the LoRA adapters' initialisation (``actor_rollout_ref.actor.fsdp_config.seed``) and SSOPD's own random choices
+(``ssopd.seed``); the same seed gives the same numbers (docs/evidence.md). Validation is greedy on all 128
+validation problems, before training and every ``--test-freq`` steps.
 
-  grpo           ssopd.lambda=0: GRPO through the same trainer (the pairing is measured, nothing distilled)
-  ssopd          the live self-teacher (current weights), witness = shortest correct completion
-  ssopd-initial  ssopd.teacher=initial: the teacher frozen at the start checkpoint (needs LoRA: --lora-rank > 0)
-  opsd           ssopd.witness_source=reference_solution: the dataset's worked solution is the witness
+Arms (``--arms``: names, or ``study`` / ``study-initial`` for the groups below):
 
-The seed sets the training prompts' order (``data.seed``), the rollout's sampling (``actor_rollout_ref.rollout.seed``)
-and SSOPD's own random choices (``ssopd.seed``). Validation is greedy on all 128 validation problems, every
-``--test-freq`` steps and before training: the same checkpoint scores the same every time.
+  study          grpo; ssopd-{pw,token,none}-l{0.5,1}: the clip (pointwise tau 0.05 = the paper; token, tau
+                 TOKEN_TAU; none) at lambda 0.5 (the reported value) and 1, the live teacher
+  study-initial  the six ssopd arms with the teacher frozen at the start checkpoint (ssopd.teacher=initial; LoRA)
+  earlier        ssopd (= ssopd-pw-l1), ssopd-initial, opsd (witness = the dataset's worked solution)
 
-Outputs in ``--out``: ``runs/<method>-s<seed>/`` (the run's tracker JSONL and full log; a finished run is not
-run again, so an interrupted experiment resumes), ``evidence.png`` (accuracy vs step, seed mean and min-max band),
-``evidence.md`` (the table, the diagnostics, the command and its wall-clock). With ``--doc``, the same markdown
-replaces the text between the experiment markers of that file (prose around them is kept).
+The runs share one Python process and one Ray instance (``ssopd_verl.glue.in_process``; ``--isolated``: one
+``python -m verl.trainer.main_ppo`` process per run). Outputs:
+
+* ``--out``/runs/<arm>-s<seed>/: the run's log and ``done.json`` (a finished run is not run again, so an
+  interrupted study resumes); verl's tracker is written under ``--out``/trackers.
+* ``--runs`` (default ``--out``/jsonl): each run's tracker, slimmed to the keys the study reads
+  (``seed_comparison.KEEP_PREFIXES``), as ``<arm>-s<seed>.jsonl``, and ``manifest.json`` (command, setup, arms,
+  seconds per run). The report reads this folder alone: ``--report-only`` regenerates it on any machine.
+* the report: figures in ``--figures`` (default: ``figures/`` beside ``--runs``), and the markdown, which replaces
+  the text between the experiment markers of ``--doc`` (or goes to ``report.md`` beside the figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -38,53 +47,73 @@ import sys
 import time
 from pathlib import Path
 
+from ssopd_verl import seed_comparison as sc
 from ssopd_verl.reporting import load_tracker
-from ssopd_verl.seed_comparison import comparison_table, plot_seed_bands, seed_bands, validation_accuracy
 
-METHODS = {
-    "grpo": ["ssopd.lambda=0"],
-    "ssopd": [],
-    "ssopd-initial": ["ssopd.teacher=initial"],
-    "opsd": ["ssopd.witness_source=reference_solution"],
-}
+TOKEN_TAU = 1.0  # ssopd.clip=token caps each position's KL, min(KL_t, tau): at 0.05 almost every position is capped
+CLIPS = {"pw": ["ssopd.clip=pointwise", "ssopd.tau=0.05"], "token": ["ssopd.clip=token", f"ssopd.tau={TOKEN_TAU}"],
+         "none": ["ssopd.clip=none"]}  # fmt: skip
+ARMS = {"grpo": ["ssopd.lambda=0"]}
+for _clip, _overrides in CLIPS.items():
+    for _lam in ("0.5", "1"):
+        ARMS[f"ssopd-{_clip}-l{_lam}"] = [f"ssopd.lambda={_lam}", *_overrides]
+STUDY = list(ARMS)
+STUDY_INITIAL = [f"{arm}-initial" for arm in STUDY if arm != "grpo"]
+ARMS.update({f"{arm}-initial": [*ARMS[arm], "ssopd.teacher=initial"] for arm in STUDY if arm != "grpo"})
+ARMS.update(ssopd=[], **{"ssopd-initial": ["ssopd.teacher=initial"]}, opsd=["ssopd.witness_source=reference_solution"])
+GROUPS = {"study": STUDY, "study-initial": STUDY_INITIAL}
+BASELINE = "grpo"
 PROJECT = "experiment"
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
-# per-step diagnostics averaged over steps and seeds in the second table
-DIAGNOSTICS = ("ssopd/pairs", "ssopd/distill_loss", "ssopd/teacher_logp_sampled", "ssopd/student_logp_sampled",
-               "ssopd/teacher_argmax_differs", "critic/score/mean")  # fmt: skip
+# per-step diagnostics averaged over steps and seeds in the last table
+DIAGNOSTICS = ("ssopd/pairs", "ssopd/distill_loss", "ssopd/kl_unclipped", "ssopd/clipped_teacher_mass",
+               "ssopd/teacher_logp_sampled", "ssopd/student_logp_sampled", "ssopd/teacher_argmax_differs",
+               "critic/score/mean")  # fmt: skip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (runs, figure, markdown)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
+    p.add_argument("--out", help="working directory (run logs, full trackers); required unless --report-only")
+    p.add_argument("--arms", "--methods", dest="arms", default="study",
+                   help=f"comma-separated arms or groups {list(GROUPS)}; arms: {list(ARMS)}")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per arm")
     p.add_argument("--steps", type=int, default=20, help="training steps per run")
     p.add_argument("--test-freq", type=int, default=5, help="validate every N steps (and before training)")
     p.add_argument("--save-freq", type=int, default=-1, help="checkpoint every N steps (default: never)")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank for every method (0: full fine-tuning)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank for every arm (0: full fine-tuning)")
     p.add_argument("--lr", type=float, default=None, help="actor learning rate (default: the tiny default's)")
     p.add_argument("--tiny", default="default", help="the tiny overlay, +tiny=<this>: default (2-digit addition) or "
                    "addition3 (the harder 3-digit addition; build it first: python -m ssopd_verl.tiny_default "
-                   "--task addition3)")
-    p.add_argument("--threshold", type=float, default=None, help="accuracy for 'first step >=' (default: start + 0.1)")
+                   "--task addition3)")  # fmt: skip
+    p.add_argument("--runs", help="folder of the slim trackers and manifest (default: <out>/jsonl)")
+    p.add_argument("--figures", help="folder of the figures (default: figures/ beside --runs)")
     p.add_argument("--doc", default=None, help="markdown file whose experiment section to replace")
+    p.add_argument("--report-only", action="store_true", help="run nothing: report from --runs alone")
+    p.add_argument("--isolated", action="store_true", help="one main_ppo process per run (default: one for all)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    if args.report_only:
+        if not args.runs:
+            p.error("--report-only needs --runs")
+        return args
+    if not args.out:
+        p.error("--out is required (unless --report-only)")
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.arms = list(dict.fromkeys(arm for a in names for arm in GROUPS.get(a, [a])))
+    unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
-        p.error(f"unknown methods {unknown}; known: {list(METHODS)}")
-    if "ssopd-initial" in args.methods and args.lora_rank <= 0:
-        p.error("ssopd-initial needs a LoRA actor (ssopd.teacher=initial is refused with full fine-tuning): "
-                "give --lora-rank > 0, which applies to every method, or leave ssopd-initial out")  # fmt: skip
+        p.error(f"unknown arms {unknown}; known: {list(GROUPS)} and {list(ARMS)}")
+    if any(a.endswith("initial") for a in args.arms) and args.lora_rank <= 0:
+        p.error("the *-initial arms need a LoRA actor (ssopd.teacher=initial is refused with full fine-tuning): "
+                "give --lora-rank > 0, which applies to every arm, or leave them out")  # fmt: skip
     if args.seeds < 1 or args.steps < 1 or args.test_freq < 1:
         p.error("--seeds, --steps and --test-freq must be >= 1")
+    args.runs = args.runs or str(Path(args.out) / "jsonl")
     return args
 
 
-def run_overrides(args, method: str, seed: int, run_dir: Path) -> list[str]:
+def run_overrides(args, arm: str, seed: int) -> list[str]:
     setup = []
     if args.lora_rank > 0:  # the reported setup's LoRA shape, scaled down; merged into the rollout's weights
         setup = [f"actor_rollout_ref.model.lora_rank={args.lora_rank}",
@@ -93,118 +122,218 @@ def run_overrides(args, method: str, seed: int, run_dir: Path) -> list[str]:
                  "actor_rollout_ref.model.lora.merge=True"]  # fmt: skip
     if args.lr is not None:
         setup.append(f"actor_rollout_ref.actor.optim.lr={args.lr}")
+    run_dir = Path(args.out).resolve() / "runs" / f"{arm}-s{seed}"
     return [
-        f"trainer.project_name={PROJECT}", f"trainer.experiment_name={method}-s{seed}",
+        "+recipe=ssopd", "+platform=cpu", f"+tiny={args.tiny}",
+        f"trainer.project_name={PROJECT}", f"trainer.experiment_name={arm}-s{seed}",
         f"trainer.total_training_steps={args.steps}", f"trainer.test_freq={args.test_freq}",
         "trainer.val_before_train=true", f"trainer.save_freq={args.save_freq}",
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        # diagnostics that cost time and feed nothing here: the HTML token view (tiny default: every 2 steps)
+        "ssopd.token_view_every=0",
         f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}", f"ssopd.seed={seed}",
-        *setup, *METHODS[method], *args.overrides,
+        f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
+        *setup, *ARMS[arm], *args.overrides,
     ]  # fmt: skip
 
 
-def run_one(args, method: str, seed: int) -> Path:
-    """One main_ppo run in its own directory (verl's file logger writes under the working directory); returns its
-    tracker file. A run with a ``done.json`` is not repeated."""
-    run_dir = Path(args.out).resolve() / "runs" / f"{method}-s{seed}"
-    tracker = run_dir / PROJECT / f"{method}-s{seed}.jsonl"
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", f"+tiny={args.tiny}",
-               *run_overrides(args, method, seed, run_dir)]  # fmt: skip
+@contextlib.contextmanager
+def output_to(path: Path):
+    """fds 1 and 2 (this process's output and the workers' lines Ray forwards to it) into ``path``."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def run_one(args, arm: str, seed: int) -> None:
+    """One run; its tracker is slimmed into ``--runs``. A run with a ``done.json`` is not repeated."""
+    name = f"{arm}-s{seed}"
+    out = Path(args.out).resolve()
+    run_dir, tracker = out / "runs" / name, out / "trackers" / PROJECT / f"{name}.jsonl"
+    overrides = run_overrides(args, arm, seed)
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
     if args.dry_run:
         print(shlex.join(command))
-        return tracker
-    if (run_dir / "done.json").exists():
-        print(f"{method} seed {seed}: done before, kept", flush=True)
-        return tracker
-    if run_dir.exists():  # an interrupted run: start it again from scratch (no checkpoints are kept)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # +platform=cpu selects it
-    t0 = time.time()
-    with open(run_dir / "main_ppo.log", "w") as log:
-        proc = subprocess.run(command, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.time() - t0
-    if proc.returncode != 0:
-        tail = (run_dir / "main_ppo.log").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode}) after {seconds:.0f} s:\n{tail}")
-    curve = validation_accuracy(tracker)
-    (run_dir / "done.json").write_text(json.dumps({"seconds": seconds, "command": command, "validation": curve}))
-    print(f"{method} seed {seed}: {seconds:.0f} s, validation " + " ".join(f"{s}:{a:.3f}" for s, a in curve),
-          flush=True)  # fmt: skip
-    return tracker
+        return
+    done = run_dir / "done.json"
+    if not done.exists():
+        if run_dir.exists():  # an interrupted run: start it again from scratch (no checkpoints are kept)
+            shutil.rmtree(run_dir)
+        tracker.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True)
+        t0 = time.time()
+        error = None
+        if args.isolated:
+            env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_FILE_LOGGER_PATH")}
+            env["VERL_FILE_LOGGER_ROOT"] = str(out / "trackers")
+            with open(run_dir / "main_ppo.log", "w") as log:
+                proc = subprocess.run(command, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            error = f"exit {proc.returncode}" if proc.returncode else None
+        else:
+            from ssopd_verl.glue.in_process import main_ppo
+
+            with output_to(run_dir / "main_ppo.log"):
+                try:
+                    main_ppo(overrides)
+                except Exception as e:  # reported below with the log's tail
+                    error = repr(e)
+        seconds = time.time() - t0
+        if error:
+            tail = (run_dir / "main_ppo.log").read_text(errors="replace")[-3000:]
+            raise SystemExit(f"{name} failed ({error}) after {seconds:.0f} s:\n{tail}")
+        done.write_text(json.dumps({"seconds": seconds, "command": command}))
+    sc.slim_tracker(tracker, Path(args.runs) / f"{name}.jsonl")
+    curve = sc.validation_accuracy(Path(args.runs) / f"{name}.jsonl")
+    seconds = json.loads(done.read_text())["seconds"]
+    print(f"{name}: {seconds:.0f} s, validation " + " ".join(f"{s}:{a:.3f}" for s, a in curve), flush=True)
 
 
-def diagnostics_table(trackers: dict[str, list[Path]]) -> str:
-    """Per method: each diagnostic's mean over training steps, then over seeds."""
-    head = ["method"] + [k.split("/", 1)[1] for k in DIAGNOSTICS] + ["teacher - student log p"]
+def write_manifest(args, argv, wall: float) -> None:
+    out = Path(args.out).resolve()
+    runs = {f"{a}-s{s}": json.loads((out / "runs" / f"{a}-s{s}" / "done.json").read_text())["seconds"]
+            for s in range(args.seeds) for a in args.arms}  # fmt: skip
+    manifest = {
+        "command": "python scripts/experiment_cpu.py " + shlex.join(argv),
+        "setup": {"steps": args.steps, "test_freq": args.test_freq, "lora_rank": args.lora_rank, "lr": args.lr,
+                  "tiny": args.tiny,
+                  "seeds": args.seeds, "overrides": args.overrides, "isolated": args.isolated},
+        "arms": {a: ARMS[a] for a in args.arms},
+        "seconds": runs,
+        "invocation_seconds": wall,
+    }  # fmt: skip
+    (Path(args.runs) / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def diagnostics_table(series: dict[str, list[dict]]) -> str:
+    """Per arm: each diagnostic's mean over training steps, then over seeds."""
+    head = ["arm"] + [k.split("/", 1)[1] for k in DIAGNOSTICS] + ["teacher - student log p"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for method, paths in trackers.items():
-        per_seed = [load_tracker(p) for p in paths]
-        cells = [method]
+    for arm, per_seed in series.items():
 
         def mean_of(key):
             means = [statistics.fmean(v for _, v in s[key]) for s in per_seed if s.get(key)]
             return statistics.fmean(means) if means else None
 
         values = {key: mean_of(key) for key in DIAGNOSTICS}
-        cells += ["–" if v is None else f"{v:.4g}" for v in values.values()]
+        cells = [arm] + ["–" if v is None else f"{v:.4g}" for v in values.values()]
         t, s = values["ssopd/teacher_logp_sampled"], values["ssopd/student_logp_sampled"]
         cells.append("–" if t is None or s is None else f"{t - s:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def report(runs_dir: Path, figures: Path, doc) -> str:
+    """The markdown and figures from the slim trackers and manifest of ``runs_dir`` alone."""
+    runs = sc.load_runs(runs_dir)
+    if not runs:
+        raise SystemExit(f"no <arm>-s<seed>.jsonl files in {runs_dir}")
+    manifest_path = runs_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    order = list(manifest.get("arms", {})) or list(runs)
+    runs = {arm: runs[arm] for arm in sorted(runs, key=lambda a: (order.index(a) if a in order else len(order), a))}
+    series = {arm: [load_tracker(p) for p in seeds.values()] for arm, seeds in runs.items()}
+    curves = {arm: dict(zip(seeds, map(sc.validation_accuracy, series[arm]))) for arm, seeds in runs.items()}
+    summaries = {arm: {seed: sc.run_summary(c) for seed, c in per_seed.items()} for arm, per_seed in curves.items()}
+    start = {arm: statistics.fmean(c[0][1] for c in per_seed.values()) for arm, per_seed in curves.items()}
+    bands = {arm: sc.seed_bands(list(per_seed.values())) for arm, per_seed in curves.items()}
+    val_steps = sorted({b.step for bs in bands.values() for b in bs})
+    pairs = sc.paired_differences(summaries, BASELINE) if BASELINE in summaries else []
+
+    setup = manifest.get("setup", {})
+    lora = setup.get("lora_rank") or 0
+    desc = (f"LoRA rank {lora}" if lora else "full fine-tuning") + (f", lr {setup['lr']}" if setup.get("lr") else "")
+    seeds_n = sorted({len(s) for s in runs.values()})
+    tiny = setup.get("tiny", "default")
+    setup_text = ("tiny default" if tiny == "default" else f"tiny default +tiny={tiny}") + f", {desc}"
+    what = f"{setup_text}; mean and min-max range over {'/'.join(map(str, seeds_n))} seeds"
+    rel = (lambda p: os.path.relpath(p.resolve(), Path(doc).resolve().parent)) if doc else (
+        lambda p: os.path.relpath(p.resolve(), figures.resolve().parent))  # fmt: skip
+    sc.plot_seed_bands(bands, figures / "val_acc.png", f"validation accuracy (greedy, 128 problems): {what}")
+    parts = [BEGIN]
+    if manifest:
+        secs = list(manifest["seconds"].values())
+        parts += [f"Command: `{manifest['command']}`.",
+                  f"Runs: {len(secs)}, {sum(secs) / 60:.1f} min in all, {statistics.fmean(secs):.0f} s per run on "
+                  f"average (the last invocation took {manifest['invocation_seconds'] / 60:.1f} min; runs finished by "
+                  "an earlier one are kept, not repeated).", ""]  # fmt: skip
+    parts += ["Regenerate this section and its figures from the trackers alone: `python scripts/experiment_cpu.py "
+              f"--report-only --runs {runs_dir} --figures {figures}" + (f" --doc {doc}`." if doc else "`."), "",
+              f"![validation accuracy vs step]({rel(figures / 'val_acc.png')})", "",
+              "Validation accuracy per run: start (step 0), final (last validation), best, AUC (trapezoid area under "
+              "the validation curve over steps, divided by the step range); seed mean ± sample std:", "",
+              sc.summary_table(summaries, start)]  # fmt: skip
+    if pairs:
+        title = f"per-seed differences vs {BASELINE} (dots), mean and 95% bootstrap CI: {setup_text}"
+        sc.plot_paired(pairs, figures / "paired_vs_grpo.png", title)
+        parts += [f"Paired per-seed differences against {BASELINE} (same seed: same prompts order, same rollout "
+                  "seed, same LoRA init), mean [percentile bootstrap 95% CI over seeds, 10,000 resamples, bootstrap "
+                  "seed 0]:", "", sc.paired_table(pairs, BASELINE),
+                  f"![paired differences]({rel(figures / 'paired_vs_grpo.png')})", ""]  # fmt: skip
+    parts += ["Validation accuracy at every validation (seed mean):", "", sc.curve_table(bands, val_steps)]
+    degeneration = sc.degeneration_keys(s for per_seed in series.values() for s in per_seed)
+    if degeneration:
+        parts += ["Degeneration metrics at every validation step (seed mean; `degeneration/*` from that step's "
+                  "training rollouts, `val-*` from validation):", ""]  # fmt: skip
+        for key in degeneration:
+            key_curves = {arm: sc.seed_curves(per_seed, key) for arm, per_seed in series.items()}
+            key_bands = {arm: sc.seed_bands(c) for arm, c in key_curves.items() if c}
+            if not key_bands:
+                continue
+            png = figures / sc.figure_name(key)
+            sc.plot_seed_bands(key_bands, png, f"{key}: {what}", ylabel=key)
+            parts += [f"`{key}` ([figure]({rel(png)})):", "", sc.curve_table(key_bands, val_steps)]
+    else:
+        parts += ["No degeneration metrics in these trackers (`degeneration/*`, `val-*degeneration*`).", ""]
+    parts += ["Training diagnostics (mean over steps, then seeds):", "", diagnostics_table(series), END]
+    return "\n".join(parts)
+
+
+def write_report(md: str, figures: Path, doc) -> None:
+    if not doc:
+        (figures.parent / "report.md").write_text(md + "\n")
+        print(f"wrote {figures.parent / 'report.md'}")
+        return
+    doc = Path(doc)
+    text = doc.read_text() if doc.exists() else f"# Evidence\n\n{BEGIN}\n{END}\n"
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise SystemExit(f"{doc} must hold exactly one {BEGIN} ... {END} section")
+    head, rest = text.split(BEGIN)
+    doc.write_text(head + md + rest.split(END, 1)[1])
+    print(f"wrote {doc}")
+
+
 def main(argv=None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    trackers = {m: [] for m in args.methods}
-    for seed in range(args.seeds):  # seed-major: an interrupted experiment has every method for the first seeds
-        for method in args.methods:
-            trackers[method].append(run_one(args, method, seed))
-    if args.dry_run:
-        return 0
-    wall = time.time() - t0
-    bands = {m: seed_bands([validation_accuracy(p) for p in paths]) for m, paths in trackers.items()}
-    start = statistics.fmean(b[0].mean for b in bands.values() if b)
-    threshold = args.threshold if args.threshold is not None else round(start + 0.1, 2)
-    steps = sorted({b.step for bs in bands.values() for b in bs})
-    at_steps = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-    setup = f"LoRA rank {args.lora_rank}" if args.lora_rank > 0 else "full fine-tuning"
-    tiny = "tiny default" if args.tiny == "default" else f"tiny default +tiny={args.tiny}"
-    title = f"{tiny}, {setup}: validation accuracy (greedy, 128 problems), mean and range over {args.seeds} seeds"
-    plot_seed_bands(bands, out / "evidence.png", title)
-    run_seconds = [json.loads((p.parents[1] / "done.json").read_text())["seconds"] for ps in trackers.values() for p in ps]
-    command = "python scripts/experiment_cpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    figure = os.path.relpath(out.resolve() / "evidence.png", Path(args.doc).resolve().parent) if args.doc else "evidence.png"
-    md = "\n".join([
-        BEGIN,
-        f"Command: `{command}` ({setup}, {args.steps} steps, validation every {args.test_freq}).",
-        f"Wall-clock: the {len(run_seconds)} runs took {sum(run_seconds) / 60:.1f} min in all, "
-        f"{statistics.fmean(run_seconds):.0f} s per run on average (this invocation: {wall / 60:.1f} min; runs "
-        f"finished by an earlier invocation are kept, not repeated).",
-        "",
-        f"![validation accuracy vs step]({figure})",
-        "",
-        "Validation accuracy (seed mean ± sample std):",
-        "",
-        comparison_table(bands, at_steps, threshold),
-        "Training diagnostics (mean over steps, then seeds):",
-        "",
-        diagnostics_table(trackers),
-        END,
-    ])  # fmt: skip
-    (out / "evidence.md").write_text(md + "\n")
+    if not args.report_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        if not args.isolated:  # verl's file logger in the TaskRunner reads this (Ray workers inherit it)
+            os.environ.pop("VERL_FILE_LOGGER_PATH", None)
+            os.environ["VERL_FILE_LOGGER_ROOT"] = str(Path(args.out).resolve() / "trackers")
+            os.environ.pop("VERL_PLATFORM", None)  # +platform=cpu selects it (in Ray's runtime env)
+        t0 = time.time()
+        for seed in range(args.seeds):  # seed-major: an interrupted study has every arm for the first seeds
+            for arm in args.arms:
+                run_one(args, arm, seed)
+        if args.dry_run:
+            return 0
+        write_manifest(args, argv, time.time() - t0)
+    runs = Path(args.runs)
+    figures = Path(args.figures) if args.figures else runs.parent / "figures"
+    md = report(runs, figures, args.doc)
     print(md)
-    if args.doc:
-        doc = Path(args.doc)
-        text = doc.read_text() if doc.exists() else f"# Evidence\n\n{BEGIN}\n{END}\n"
-        if text.count(BEGIN) != 1 or text.count(END) != 1:
-            raise SystemExit(f"{doc} must hold exactly one {BEGIN} ... {END} section")
-        head, rest = text.split(BEGIN)
-        doc.write_text(head + md + rest.split(END, 1)[1])
-        print(f"wrote {doc}")
+    write_report(md, figures, args.doc)
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT, EXPERIMENT = "ssopd-tiny", "e2e"
 TOKEN_BUDGET = 512  # E's dynamic-batching budget (ppo_max_token_len_per_gpu), teacher tokens included
-EXPERIMENT_TRACKER = Path("e") / "runs" / "ssopd-initial-s0" / "experiment" / "ssopd-initial-s0.jsonl"
+EXPERIMENT_TRACKER = Path("e") / "trackers" / "experiment" / "ssopd-initial-s0.jsonl"
 
 
 class RunFailed(RuntimeError):

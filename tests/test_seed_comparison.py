@@ -1,26 +1,28 @@
-"""Methods over seeds (ssopd_verl.seed_comparison) from verl file-logger JSONL, and the experiment script's
-command line and markdown on made-up tracker files (the real runs are `scripts/experiment_cpu.py`)."""
+"""Arms over seeds (ssopd_verl.seed_comparison) from verl file-logger JSONL, and the experiment script's command
+lines, run folder and report on made-up tracker files (the real runs are `scripts/experiment_cpu.py`)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ssopd_verl.seed_comparison import comparison_table, plot_seed_bands, seed_bands, validation_accuracy
+from ssopd_verl import seed_comparison as sc
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_tracker(path: Path, accuracy: dict[int, float], extra: dict | None = None) -> Path:
+def write_tracker(path: Path, accuracy: dict[int, float], extra: dict | None = None, val_extra: dict | None = None):
     """verl's file logger: validation and training metrics arrive in separate log calls of the same step."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for step, acc in accuracy.items():
-        lines.append({"step": step, "data": {"val-core/lighteval/MATH/acc/mean@1": acc, "val-aux/x": 3.0}})
+        lines.append({"step": step, "data": {"val-core/lighteval/MATH/acc/mean@1": acc, **(val_extra or {})}})
         if step > 0:
-            lines.append({"step": step, "data": {"critic/score/mean": 0.5, **(extra or {})}})
+            lines.append({"step": step, "data": {"critic/score/mean": 0.5, "perf/throughput": 9.0, **(extra or {})}})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -32,40 +34,113 @@ def test_validation_accuracy_is_the_mean_over_data_sources(tmp_path):
         '{"step": 2, "data": {"val-core/a/acc/mean@1": 0.5, "val-core/b/acc/mean@4": 0.7, "critic/score/mean": 1}}\n'
         '{"step": 3, "data": {"critic/score/mean": 1}}\n'
     )
-    assert validation_accuracy(path) == [(0, pytest.approx(0.4)), (2, pytest.approx(0.6))]
+    assert sc.validation_accuracy(path) == [(0, pytest.approx(0.4)), (2, pytest.approx(0.6))]
 
 
 def test_seed_bands_keep_only_steps_every_seed_has_and_compute_spread():
     curves = [[(0, 0.3), (5, 0.5), (10, 0.6)], [(0, 0.3), (5, 0.7), (10, 0.8)], [(0, 0.3), (5, 0.6)]]
-    bands = seed_bands(curves)
+    bands = sc.seed_bands(curves)
     assert [b.step for b in bands] == [0, 5]  # the third seed stopped before step 10: step 10 is not averaged
     five = bands[1]
     assert (five.mean, five.low, five.high, five.seeds) == (pytest.approx(0.6), 0.5, 0.7, 3)
     assert five.std == pytest.approx(0.1)
-    assert seed_bands([[(0, 0.3)]])[0].std == 0.0
+    assert sc.seed_bands([[(0, 0.3)]])[0].std == 0.0
     with pytest.raises(ValueError, match="no runs"):
-        seed_bands([])
+        sc.seed_bands([])
     with pytest.raises(ValueError, match="non-finite"):
-        seed_bands([[(0, float("nan"))]])
+        sc.seed_bands([[(0, float("nan"))]])
 
 
-def test_comparison_table_reports_steps_best_and_threshold():
-    methods = {
-        "grpo": seed_bands([[(0, 0.3), (5, 0.35), (10, 0.4)], [(0, 0.3), (5, 0.35), (10, 0.4)]]),
-        "ssopd": seed_bands([[(0, 0.3), (5, 0.45), (10, 0.42)], [(0, 0.3), (5, 0.43), (10, 0.44)]]),
-    }
-    table = comparison_table(methods, [0, 10], threshold=0.4)
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
-    assert rows["grpo"] == "| grpo | 2 | 0.300 ± 0.000 | 0.400 ± 0.000 | 0.400 (10) | 10 |"
-    assert rows["ssopd"] == "| ssopd | 2 | 0.300 ± 0.000 | 0.430 ± 0.014 | 0.440 (5) | 5 |"
-    never = comparison_table({"grpo": methods["grpo"]}, [0, 7], threshold=0.9).splitlines()[2]
-    assert never == "| grpo | 2 | 0.300 ± 0.000 | – | 0.400 (10) | – |"
+def test_area_under_curve_is_the_trapezoid_mean_over_the_step_range():
+    # uneven spacing: (2 * (0.2 + 0.4) / 2 + 4 * (0.4 + 0.4) / 2) / 6
+    assert sc.area_under_curve([(0, 0.2), (2, 0.4), (6, 0.4)]) == pytest.approx(2.2 / 6)
+    assert sc.area_under_curve([(3, 0.7), (9, 0.7)]) == pytest.approx(0.7)  # flat: its value
+    assert sc.area_under_curve([(4, 0.25)]) == 0.25
+    summary = sc.run_summary([(0, 0.5), (4, 0.9), (8, 0.7)])
+    assert summary == {"final": 0.7, "best": 0.9, "auc": pytest.approx((4 * 0.7 + 4 * 0.8) / 8)}
+    with pytest.raises(ValueError, match="non-finite"):
+        sc.run_summary([(0, 0.5), (4, float("inf"))])
+    with pytest.raises(ValueError):
+        sc.run_summary([])
 
 
-def test_plot_seed_bands_writes_a_png(tmp_path):
-    bands = {"grpo": seed_bands([[(0, 0.3), (5, 0.4)], [(0, 0.3), (5, 0.5)]])}
-    plot_seed_bands(bands, tmp_path / "f.png", "title")
-    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_bootstrap_ci_is_the_percentile_interval_and_reproducible():
+    # two values: resampled means are 0, 0.5, 1 with probability 1/4, 1/2, 1/4 -> the 95% interval is [0, 1]
+    assert sc.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert sc.bootstrap_ci([0.3] * 5) == (pytest.approx(0.3), pytest.approx(0.3))
+    values = [0.1, -0.05, 0.2, 0.0, 0.07]
+    low, high = sc.bootstrap_ci(values)
+    assert (low, high) == sc.bootstrap_ci(values)  # fixed bootstrap seed
+    assert low < np.mean(values) < high and low >= min(values) and high <= max(values)
+    assert sc.bootstrap_ci(values, seed=1) != (low, high)
+    means = np.random.default_rng(0).choice(values, size=(10_000, 5)).mean(axis=1)
+    assert (low, high) == (pytest.approx(np.percentile(means, 2.5)), pytest.approx(np.percentile(means, 97.5)))
+
+
+def test_paired_differences_use_the_seeds_both_arms_ran():
+    summaries = {
+        "grpo": {0: {"final": 0.5, "best": 0.6, "auc": 0.5}, 1: {"final": 0.6, "best": 0.6, "auc": 0.55}},
+        "a": {0: {"final": 0.7, "best": 0.7, "auc": 0.6}, 1: {"final": 0.6, "best": 0.8, "auc": 0.55},
+              2: {"final": 0.9, "best": 0.9, "auc": 0.9}},  # seed 2: no grpo run to pair with
+        "b": {5: {"final": 0.1, "best": 0.1, "auc": 0.1}},  # no common seed: left out
+    }  # fmt: skip
+    pairs = {(p.arm, p.metric): p for p in sc.paired_differences(summaries)}
+    assert set(pairs) == {("a", "final"), ("a", "best"), ("a", "auc")}
+    final = pairs[("a", "final")]
+    assert final.seeds == (0, 1) and final.differences == (pytest.approx(0.2), pytest.approx(0.0))
+    assert final.mean == pytest.approx(0.1) and (final.low, final.high) == (pytest.approx(0.0), pytest.approx(0.2))
+    table = sc.paired_table(list(pairs.values()))
+    assert "| a | 2 | +0.100 [+0.000, +0.200] | +0.150 [+0.100, +0.200] | +0.050 [+0.000, +0.100] |" in table
+    with pytest.raises(ValueError, match="baseline"):
+        sc.paired_differences({"a": summaries["a"]})
+
+
+def test_summary_and_curve_tables():
+    summaries = {"grpo": {0: {"final": 0.4, "best": 0.5, "auc": 0.45}, 1: {"final": 0.6, "best": 0.7, "auc": 0.55}}}
+    assert sc.summary_table(summaries, {"grpo": 0.3}).splitlines()[2] == (
+        "| grpo | 2 | 0.300 | 0.500 ± 0.141 | 0.600 ± 0.141 | 0.500 ± 0.071 |"
+    )
+    bands = {"grpo": sc.seed_bands([[(0, 0.3), (4, 0.5)], [(0, 0.3), (4, 0.7)]])}
+    assert sc.curve_table(bands, [0, 4, 8]).splitlines()[2] == "| grpo | 0.300 | 0.600 | – |"
+
+
+def test_degeneration_keys_are_whatever_the_trackers_have():
+    trackers = [
+        {"degeneration/length_limit_frac": [], "critic/score/mean": [], "val-aux/x/degeneration/loop_frac@1": []},
+        {"degeneration/repetition_loop_frac": [], "val-core/x/acc/mean@1": [], "ssopd/degeneration_like": []},
+    ]
+    assert sc.degeneration_keys(trackers) == [
+        "degeneration/length_limit_frac", "degeneration/repetition_loop_frac", "val-aux/x/degeneration/loop_frac@1"
+    ]  # fmt: skip
+    assert sc.degeneration_keys([{"critic/score/mean": []}]) == []
+    assert sc.seed_curves([{"k": [(1, 0.5)]}, {}], "k") is None  # a seed without it: no band
+    assert sc.figure_name("val-aux/x/degeneration/loop_frac@1") == "val-aux_x_degeneration_loop_frac_1.png"
+
+
+def test_slim_tracker_and_load_runs(tmp_path):
+    src = write_tracker(tmp_path / "full.jsonl", {0: 0.4, 2: 0.5}, {"ssopd/pairs": 3.0})
+    slim = sc.slim_tracker(src, tmp_path / "runs" / "grpo-s3.jsonl")
+    records = [json.loads(line) for line in slim.read_text().splitlines()]
+    assert {k for r in records for k in r["data"]} == {"val-core/lighteval/MATH/acc/mean@1", "critic/score/mean",
+                                                       "ssopd/pairs"}  # fmt: skip
+    assert sc.validation_accuracy(slim) == sc.validation_accuracy(src)
+    (tmp_path / "runs" / "manifest.json").write_text("{}")
+    (tmp_path / "runs" / "notes.jsonl").write_text("")
+    sc.slim_tracker(src, tmp_path / "runs" / "ssopd-pw-l0.5-s10.jsonl")
+    other = slim.with_name("ssopd-pw-l0.5-s10.jsonl")
+    assert sc.load_runs(tmp_path / "runs") == {"grpo": {3: slim}, "ssopd-pw-l0.5": {10: other}}
+
+
+def test_figures_are_pngs(tmp_path):
+    bands = {"grpo": sc.seed_bands([[(0, 0.3), (5, 0.4)], [(0, 0.3), (5, 0.5)]])}
+    sc.plot_seed_bands(bands, tmp_path / "f.png", "title", ylabel="y")
+    summaries = {"grpo": {0: dict(final=0.1, best=0.2, auc=0.1)}, "a": {0: dict(final=0.2, best=0.2, auc=0.3)}}
+    pairs = sc.paired_differences(summaries)
+    sc.plot_paired(pairs, tmp_path / "p.png", "title")
+    assert (tmp_path / "f.png").read_bytes()[:8] == PNG and (tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
+# ------------------------------------------------------------------------------------------------- the script
 
 
 def _experiment(*args, cwd=ROOT):
@@ -73,21 +148,32 @@ def _experiment(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
-def test_experiment_commands_differ_only_by_method_and_seed(tmp_path):
+def test_study_arms_and_commands_differ_only_by_arm_and_seed(tmp_path):
     proc = _experiment("--out", str(tmp_path), "--dry-run", "--seeds", "2", "--steps", "3", "--lora-rank", "4")
     assert proc.returncode == 0, proc.stderr
     commands = [line.split() for line in proc.stdout.splitlines()]
-    assert len(commands) == 8  # 4 methods x 2 seeds
+    assert len(commands) == 14  # the 7 study arms x 2 seeds
     for cmd in commands:
         assert cmd[1:6] == ["-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default"]
         assert "trainer.total_training_steps=3" in cmd and "actor_rollout_ref.model.lora_rank=4" in cmd
-    grpo0, grpo1 = set(commands[0]), set(commands[4])  # seed-major: grpo, ssopd, ssopd-initial, opsd per seed
-    assert grpo0 ^ grpo1 == {f"{k}={s}" for k in ("data.seed", "actor_rollout_ref.rollout.seed", "ssopd.seed")
-                             for s in (0, 1)} | {"trainer.experiment_name=grpo-s0", "trainer.experiment_name=grpo-s1",
-                                                 f"trainer.default_local_dir={tmp_path.resolve()}/runs/grpo-s0/checkpoints",
-                                                 f"trainer.default_local_dir={tmp_path.resolve()}/runs/grpo-s1/checkpoints"}  # fmt: skip
-    assert "ssopd.lambda=0" in commands[0] and "ssopd.teacher=initial" in commands[2]
-    assert "ssopd.witness_source=reference_solution" in commands[3]
+    names = [next(a for a in cmd if a.startswith("trainer.experiment_name=")).split("=")[1] for cmd in commands[:7]]
+    assert names == ["grpo-s0", "ssopd-pw-l0.5-s0", "ssopd-pw-l1-s0", "ssopd-token-l0.5-s0", "ssopd-token-l1-s0",
+                     "ssopd-none-l0.5-s0", "ssopd-none-l1-s0"]  # fmt: skip
+    grpo0, grpo1 = set(commands[0]), set(commands[7])  # seed-major
+    seeded = ("data.seed", "actor_rollout_ref.rollout.seed", "ssopd.seed", "actor_rollout_ref.actor.fsdp_config.seed")
+    assert grpo0 ^ grpo1 == {f"{k}={s}" for k in seeded for s in (0, 1)} | {
+        "trainer.experiment_name=grpo-s0", "trainer.experiment_name=grpo-s1",
+        f"trainer.default_local_dir={tmp_path.resolve()}/runs/grpo-s0/checkpoints",
+        f"trainer.default_local_dir={tmp_path.resolve()}/runs/grpo-s1/checkpoints"}  # fmt: skip
+    assert "ssopd.lambda=0" in commands[0]
+    assert {"ssopd.lambda=0.5", "ssopd.clip=pointwise", "ssopd.tau=0.05"} <= set(commands[1])
+    assert {"ssopd.lambda=1", "ssopd.clip=token"} <= set(commands[4]) and "ssopd.clip=none" in commands[6]
+    assert not any("teacher=initial" in a for cmd in commands for a in cmd)
+    proc = _experiment("--out", str(tmp_path), "--dry-run", "--seeds", "1", "--lora-rank", "4",
+                       "--arms", "grpo,study-initial,opsd")  # fmt: skip
+    commands = [line.split() for line in proc.stdout.splitlines()]
+    assert len(commands) == 8 and all("ssopd.teacher=initial" in cmd for cmd in commands[1:7])
+    assert "ssopd.witness_source=reference_solution" in commands[7]
 
 
 def test_experiment_on_the_harder_task_changes_only_the_overlay(tmp_path):
@@ -97,31 +183,73 @@ def test_experiment_on_the_harder_task_changes_only_the_overlay(tmp_path):
     assert hard.stdout == base.stdout.replace("+tiny=default", "+tiny=addition3") != base.stdout
 
 
-def test_experiment_refuses_initial_teacher_without_lora_and_unknown_methods(tmp_path):
-    proc = _experiment("--out", str(tmp_path), "--dry-run")
+def test_experiment_refuses_initial_teacher_without_lora_and_unknown_arms(tmp_path):
+    proc = _experiment("--out", str(tmp_path), "--dry-run", "--arms", "ssopd-initial")
     assert proc.returncode == 2 and "--lora-rank" in proc.stderr
     proc = _experiment("--out", str(tmp_path), "--dry-run", "--methods", "grpo,dpo")
     assert proc.returncode == 2 and "dpo" in proc.stderr
+    proc = _experiment("--report-only")
+    assert proc.returncode == 2 and "--runs" in proc.stderr
 
 
-def test_experiment_summarises_finished_runs_into_the_doc_section(tmp_path):
+def test_finished_runs_become_a_run_folder_and_the_report_is_regenerated_from_it_alone(tmp_path):
     out = tmp_path / "exp"
-    for method, gain in (("grpo", 0.0), ("ssopd", 0.1)):
+    for arm, gain in (("grpo", 0.0), ("ssopd-pw-l1", 0.1)):
         for seed in (0, 1):
-            run = out / "runs" / f"{method}-s{seed}"
-            write_tracker(run / "experiment" / f"{method}-s{seed}.jsonl", {0: 0.4, 2: 0.4 + gain + 0.01 * seed},
-                          {"ssopd/pairs": 3.0, "ssopd/teacher_logp_sampled": -0.5, "ssopd/student_logp_sampled": -1.5})  # fmt: skip
-            (run / "done.json").write_text(json.dumps({"seconds": 60.0}))  # finished: not run again
+            name = f"{arm}-s{seed}"
+            write_tracker(out / "trackers" / "experiment" / f"{name}.jsonl", {0: 0.4, 2: 0.4 + gain + 0.01 * seed},
+                          {"ssopd/pairs": 3.0, "ssopd/teacher_logp_sampled": -0.5, "ssopd/student_logp_sampled": -1.5,
+                           "degeneration/length_limit_frac": 0.1 * seed})  # fmt: skip
+            (out / "runs" / name).mkdir(parents=True)
+            (out / "runs" / name / "done.json").write_text(json.dumps({"seconds": 60.0}))  # finished: not run again
     doc = tmp_path / "evidence.md"
     doc.write_text("# Evidence\n\nprose before\n\n<!-- experiment:begin -->\nold\n<!-- experiment:end -->\n\nprose after\n")
-    proc = _experiment("--out", str(out), "--methods", "grpo,ssopd", "--seeds", "2", "--steps", "2",
-                       "--test-freq", "2", "--doc", str(doc))  # fmt: skip
+    runs = tmp_path / "evidence" / "runs"
+    proc = _experiment("--out", str(out), "--arms", "grpo,ssopd-pw-l1", "--seeds", "2", "--steps", "2",
+                       "--test-freq", "2", "--runs", str(runs), "--doc", str(doc))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["grpo-s0.jsonl", "grpo-s1.jsonl", "manifest.json",
+                                                      "ssopd-pw-l1-s0.jsonl", "ssopd-pw-l1-s1.jsonl"]  # fmt: skip
+    assert "perf/throughput" not in (runs / "grpo-s0.jsonl").read_text()  # slimmed
     text = doc.read_text()
     assert text.startswith("# Evidence\n\nprose before\n\n<!-- experiment:begin -->") and "old" not in text
     assert text.endswith("<!-- experiment:end -->\n\nprose after\n")
-    assert "| ssopd | 2 | 0.400 ± 0.000 | 0.505 ± 0.007 | 0.505 (2) | 2 |" in text  # threshold: start 0.4 + 0.1
-    assert "| grpo | 2 | 0.400 ± 0.000 | 0.405 ± 0.007 | 0.405 (2) | – |" in text
-    assert "| ssopd | 3 | – | -0.5 | -1.5 | – | 0.5 | +1.000 |" in text  # diagnostics
-    assert "![validation accuracy vs step](exp/evidence.png)" in text
-    assert (out / "evidence.png").exists()
+    assert "| grpo | 2 | 0.400 | 0.405 ± 0.007 | 0.405 ± 0.007 | 0.403 ± 0.004 |" in text
+    assert "| ssopd-pw-l1 | 2 | +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | +0.050 [+0.050, +0.050] |" in text
+    assert "`degeneration/length_limit_frac`" in text and "| ssopd-pw-l1 | – | 0.050 |" in text
+    assert "| ssopd-pw-l1 | 3 | – | – | – | -0.5 | -1.5 | – | 0.5 | +1.000 |" in text  # diagnostics
+    assert "![validation accuracy vs step](evidence/figures/val_acc.png)" in text
+    figures = tmp_path / "evidence" / "figures"
+    assert {p.name for p in figures.iterdir()} == {"val_acc.png", "paired_vs_grpo.png",
+                                                   "degeneration_length_limit_frac.png"}  # fmt: skip
+
+    # any machine: the run folder alone (no --out, no full trackers) gives the same section and figures
+    shutil_copy = tmp_path / "elsewhere"
+    shutil_copy.mkdir()
+    for p in runs.iterdir():
+        (shutil_copy / p.name).write_bytes(p.read_bytes())
+    doc2 = tmp_path / "evidence2.md"
+    doc2.write_text(doc.read_text())
+    proc = _experiment("--report-only", "--runs", str(shutil_copy), "--figures", str(figures), "--doc", str(doc2))
+    assert proc.returncode == 0, proc.stderr
+    strip = lambda t: "\n".join(line for line in t.splitlines() if "--report-only" not in line)  # noqa: E731
+    assert strip(doc2.read_text()) == strip(text)
+    without = tmp_path / "bare"
+    without.mkdir()
+    (without / "grpo-s0.jsonl").write_bytes((runs / "grpo-s0.jsonl").read_bytes().replace(b"degeneration", b"other"))
+    proc = _experiment("--report-only", "--runs", str(without))
+    assert proc.returncode == 0, proc.stderr
+    assert "No degeneration metrics" in (tmp_path / "report.md").read_text()
+
+
+def test_compare_trackers_finds_the_first_step_that_differs_and_ignores_timings(tmp_path):
+    for run, late in (("a", 0.7), ("b", 0.7), ("c", 0.71)):
+        path = write_tracker(tmp_path / run / "grpo-s0.jsonl", {0: 0.5, 2: 0.6, 4: late})
+        path.write_text(path.read_text().replace('"perf/throughput": 9.0', f'"perf/throughput": {ord(run)}'))
+    compare = [sys.executable, str(ROOT / "scripts" / "compare_trackers.py")]
+    same = subprocess.run([*compare, str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout == "grpo-s0.jsonl: equal (3 steps)\n"  # throughputs differ
+    other = subprocess.run([*compare, str(tmp_path / "a" / "grpo-s0.jsonl"), str(tmp_path / "c" / "grpo-s0.jsonl")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode == 1
+    assert other.stdout == "grpo-s0.jsonl: differs from step 4 (1 values there: val-core/lighteval/MATH/acc/mean@1)\n"

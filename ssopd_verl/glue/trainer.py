@@ -2,8 +2,10 @@
 
 Registered as trainer mode `ssopd` (`register_trainer`, verl's trainer registry); the recipe overlay selects it
 with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
-(sample -> reward -> balance -> old log-prob -> [ref] -> advantage -> update actor), with three additions:
+(sample -> reward -> balance -> old log-prob -> [ref] -> advantage -> update actor), with these additions:
 
+* `_balance_batch`: the step's rows are sorted by content (prompt, response) before verl's balancing, so that
+  their order, and every sum that follows it, does not depend on which completion finished first.
 * `_compute_advantage`: after verl computes the GRPO advantages (through our `ssopd` estimator), pair the
   completions of each frontier group and write the teacher sequences and row weights into TransferQueue next
   to the batch (`distill_plan.plan_distillation`); count the completions whose grading timed out, was skipped
@@ -18,6 +20,7 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
 * `_compute_advantage` first refuses a batch that lost completions (`check_complete_rollout`): verl pads over
   failed rollout requests and trains on; a dead rollout engine must stop the run instead.
+* `_build_replay_buffer`: `trainer.v1.sampler.sampler_kwargs.poll_interval` sets how often it polls for rollouts.
 """
 
 from __future__ import annotations
@@ -74,6 +77,16 @@ class SSOPDTrainer(PPOTrainerSync):
             config.trainer.v1.trainer_mode = "sync"
         super().__init__(config)
 
+    def _build_replay_buffer(self):
+        """verl's; ``trainer.v1.sampler.sampler_kwargs.poll_interval`` (s), if set, replaces its fixed 2 s wait
+        between polls for finished rollouts (every step's generation and every validation waits for the next poll:
+        on the tiny default a 1-2 s rollout took 4 s)."""
+        buffer = super()._build_replay_buffer()
+        poll = (self.config.trainer.v1.sampler.get("sampler_kwargs") or {}).get("poll_interval")
+        if poll is not None:
+            buffer.poll_interval = float(poll)
+        return buffer
+
     # ---- workers ----------------------------------------------------------------------------------------------
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
@@ -99,6 +112,16 @@ class SSOPDTrainer(PPOTrainerSync):
         return super().fit(agent_loop_manager)
 
     # ---- step ------------------------------------------------------------------------------------------------
+    def _balance_batch(self, batch, metrics, *args, **kwargs):
+        """verl's, on the rows sorted by content first. verl lists a step's rows in the order their completions
+        reached TransferQueue (timing); every later sum (micro-batches, losses, gradients) follows the list, and
+        float sums in another order differ in the last bits, enough to flip a sampled token steps later. Sorted by
+        (prompt, response) the same completions give the same numbers in every run (ties are identical rows)."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses"])
+        content = [(data["prompts"][i].tolist(), data["responses"][i].tolist()) for i in range(len(batch.keys))]
+        batch.reorder(sorted(range(len(content)), key=content.__getitem__))
+        return super()._balance_batch(batch, metrics, *args, **kwargs)
+
     def _compute_advantage(self, batch, metrics):
         prompts = self.config.data.train_batch_size // self.parameter_sync_step  # what verl's step sampled
         n = self.config.actor_rollout_ref.rollout.n
