@@ -188,6 +188,31 @@ def test_regrade_recomputes_scores_from_saved_completions(first_run, tmp_path):
     assert summary["benchmarks"]["aime24"]["avg@2"]["value"] == pytest.approx(25.0)
 
 
+def test_summary_reports_degeneration_per_benchmark(first_run, tmp_path):
+    """The table's degeneration columns (issue: degeneration in evaluate.py's table): length-limit hits as the
+    engine reported them, terminal repetition loops on the decoded text (ssopd_verl.degeneration's text rule),
+    empty completions left out of the loop share; a 100k-character looping answer costs the window, not its length."""
+    src, _ = first_run
+    out = tmp_path / "degeneration"
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    path = out / "aime24.jsonl"
+    rows = runner.read_jsonl(path)
+    loop = "<think>\nLet me add them. " + "Wait, let me check the carry again. " * 3000  # ~100k characters
+    rows[0].update(completion=loop[:100_000], finish_reason="length")  # cut inside the loop
+    rows[1].update(completion="", finish_reason="stop")  # a failed request: counted as empty, not in the shares
+    rows[2].update(completion="The answer is \\boxed{7}.", finish_reason="stop")
+    rows[3].update(completion="1111111111 is not a loop", finish_reason="length")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = runner.write_summary(out, BENCHES, n=2, limit=2)["benchmarks"]["aime24"]
+    assert entry["repetition_loop_frac"] == pytest.approx(1 / 3) and entry["empty_completions"] == 1
+    assert entry["truncated_frac"] == pytest.approx(2 / 4)
+    md = (out / "summary.md").read_text()
+    assert "| truncated | loop | mean tokens |" in md
+    assert "| 50.0% | 33.3% |" in md.split("| aime24 |")[1].splitlines()[0]
+
+
 def test_resume_refuses_other_sampling_settings(first_run, tiny_model):
     out, _ = first_run
     cfg = runner.EvalConfig(model=str(tiny_model), out=str(out), benchmarks=BENCHES, n=2, limit=2,

@@ -5,7 +5,8 @@ Output directory layout::
     run_config.json        model and sampling settings (a resumed run must match them)
     <benchmark>.jsonl      one line per sample: benchmark, problem_idx, sample_idx, prompt, answer, completion,
                            extracted, score, finish_reason, num_tokens, seed
-    summary.json / .md     Avg@k, pass@k, maj@k with bootstrap CIs per benchmark and the macro average
+    summary.json / .md     Avg@k, pass@k, maj@k with bootstrap CIs per benchmark and the macro average;
+                           degeneration: length-limit hits, repetition loops (ssopd_verl.degeneration), mean tokens
 
 Resume: samples already in ``<benchmark>.jsonl`` (by problem and sample index) are not generated again, so an
 interrupted run continues where it stopped and a larger ``--n`` only draws the extra samples. Regrade: recompute
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ssopd_verl.degeneration import degeneration_summary
 from ssopd_verl.evaluation import benchmarks as bm
 from ssopd_verl.evaluation.generate import Request, SamplingSettings, build_prompt
 from ssopd_verl.evaluation.grading import grade
@@ -206,11 +209,18 @@ def collect(out: Path, benchmarks: list[str], n: int, limit: Optional[int] = Non
         if missing:
             raise ValueError(f"{name}: problems {missing[:10]} have fewer than n={n} samples; run the generation")
         rows = [[by_problem[p][s] for s in range(n)] for p in range(len(problems))]
+        flat = [r for rs in rows for r in rs]
+        # degeneration of the decoded completions (ssopd_verl.degeneration: text rule, bounded by its window):
+        # length-limit hits as the engine reported them, terminal repetition loops, empty completions
+        degeneration = degeneration_summary([r["completion"] for r in flat],
+                                            truncated=[r["finish_reason"] == "length" for r in flat])  # fmt: skip
         data[name] = {
             "scores": [[r["score"] for r in rs] for rs in rows],
             "answers": [[r["extracted"] for r in rs] for rs in rows],
-            "truncated": sum(r["finish_reason"] == "length" for rs in rows for r in rs) / (n * len(rows)),
-            "mean_tokens": sum(r["num_tokens"] for rs in rows for r in rs) / (n * len(rows)),
+            "truncated": sum(r["finish_reason"] == "length" for r in flat) / len(flat),
+            "repetition_loop": degeneration["repetition_loop_frac"],
+            "empty": degeneration["empty"],
+            "mean_tokens": sum(r["num_tokens"] for r in flat) / len(flat),
         }
     return data
 
@@ -221,6 +231,8 @@ def write_summary(out: Path, benchmarks: list[str], n: int, limit: Optional[int]
     summary = summarize(data, n_boot=n_boot)
     for name, entry in summary["benchmarks"].items():
         entry["truncated_frac"] = data[name]["truncated"]
+        entry["repetition_loop_frac"] = data[name]["repetition_loop"]
+        entry["empty_completions"] = data[name]["empty"]
         entry["mean_tokens"] = data[name]["mean_tokens"]
     run_config = out / "run_config.json"
     summary["run"] = json.loads(run_config.read_text()) if run_config.exists() else {}
@@ -246,18 +258,22 @@ def summary_markdown(summary: dict) -> str:
         f"max new tokens {run.get('max_new_tokens')}, thinking {'on' if run.get('enable_thinking') else 'off'}; "
         f"{100 * summary['ci_level']:.0f}% bootstrap CIs over problems ({summary['n_boot']} resamples).",
         "",
-        "| benchmark | problems | " + " | ".join(names) + " | truncated | mean tokens |",
-        "|---|---:|" + "---:|" * len(names) + "---:|---:|",
+        "| benchmark | problems | " + " | ".join(names) + " | truncated | loop | mean tokens |",
+        "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|",
     ]
     for name, e in summary["benchmarks"].items():
         cells = [_cell(e[m]) for m in names]
+        loop = e.get("repetition_loop_frac", math.nan)  # a summary.json written before the column: "–"
         lines.append(
             f"| {name} | {e['num_problems']} | " + " | ".join(cells) + f" | {100 * e['truncated_frac']:.1f}% "
-            f"| {e['mean_tokens']:.0f} |"
+            f"| {'–' if math.isnan(loop) else f'{100 * loop:.1f}%'} | {e['mean_tokens']:.0f} |"
         )
     macro = summary["macro"]
     if names[0] in macro:
-        lines.append("| **macro** | | " + " | ".join(_cell(macro[m]) for m in names) + " | | |")
+        lines.append("| **macro** | | " + " | ".join(_cell(macro[m]) for m in names) + " | | | |")
+    lines += ["", "truncated: share of samples that stopped at the length limit; loop: share that end in (or are cut "
+              "inside) a repetition loop, at least 3 exact copies of a unit of up to 1,024 characters covering at "
+              "least 64 (`ssopd_verl.degeneration`, text rule)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
