@@ -44,7 +44,8 @@ def test_pure_modules_do_not_import_verl():
 
 def test_glue_imports_the_cpu_runtime_only_to_register_it():
     """SSOPD's verl hooks (ssopd_verl/glue) do not depend on the CPU runtime (ssopd_verl/cpu); the plugin registers
-    it, nothing else imports it."""
+    it, and the plugin and the in-process main_ppo select it from `+platform=cpu` (as the command line does);
+    nothing else imports it."""
     import ast
     from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_glue_imports_the_cpu_runtime_only_to_register_it():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
             if any(n == "ssopd_verl.cpu" or n.startswith("ssopd_verl.cpu.") for n in names):
                 importers.add(path.name)
-    assert importers == {"plugin.py"}
+    assert importers == {"plugin.py", "in_process.py"}
 
 
 def test_recipe_guard_refuses_to_run_plain_ppo(monkeypatch):

@@ -58,3 +58,22 @@ def test_in_process_runs_the_overlays_start_up_checks_as_hydra_does():
     for bad, key in (("actor_rollout_ref.rollout.n=1", "rollout.n"), ("actor_rollout_ref.model.lora_rank=8", "merge")):
         with pytest.raises(SystemExit, match=key):
             in_process.run_callbacks(in_process.compose(["+recipe=ssopd", "+platform=cpu", bad]))
+
+
+def test_in_process_selects_the_cpu_platform_from_the_overrides_as_the_command_line_does(tmp_path):
+    """In a fresh process without VERL_PLATFORM (what scripts/experiment_cpu.py and tests/e2e_runs.py run in),
+    `+platform=cpu` among the overrides must leave trainer.device=cpu and verl's platform cpu: before, verl resolved
+    "cuda" in that process and main_ppo's auto_set_device rewrote trainer.device to cuda."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from ssopd_verl.glue import in_process; "
+            "cfg = in_process.prepare(['+recipe=ssopd', '+platform=cpu', '+tiny=default']); "
+            "from verl.utils.device import get_platform; "
+            "print(json.dumps([cfg.trainer.device, get_platform().device_name]))")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["cpu", "cpu"]

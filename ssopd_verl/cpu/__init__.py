@@ -22,3 +22,15 @@ checkpoints, so they keep `hf`; vLLM is the engine to check our code against wha
 Nothing here imports SSOPD's glue (`ssopd_verl.glue`) or its algorithm; the glue's plugin registers this runtime,
 and the `+platform=cpu` overlay (`ssopd_verl/conf/platform/cpu.yaml`) selects it.
 """
+
+
+def select_cpu_platform(argv) -> None:
+    """`+platform=cpu` among the command line's overrides (or those given to ``glue.in_process``) selects verl's
+    CPU platform in this process too: ``VERL_PLATFORM=cpu``, unless set. The overlay sets it for the Ray workers;
+    the driver resolves its platform the first time verl's trainer is imported (the ``verl.plugins`` entry point
+    does, on ``import verl``), before Hydra has read the overlay, so the flag is read from the arguments. It must
+    run before that import; it imports nothing."""
+    import os
+
+    if any(arg.lstrip("+~") == "platform=cpu" for arg in argv):
+        os.environ.setdefault("VERL_PLATFORM", "cpu")

@@ -9,6 +9,8 @@ runs, from a process that may have run others:
 2. the Hydra callbacks that the composed config lists in ``hydra.callbacks`` (our overlays' start-up checks),
    instantiated and called with ``on_job_start`` as Hydra calls them (compose runs no callbacks);
 3. verl's ``main``, without Hydra: ``auto_set_device``, ``validate_config``, ``run_ppo(config, TaskRunnerV1)``.
+   As on the command line, ``+platform=cpu`` among the overrides selects verl's CPU platform in this process
+   before verl's trainer is imported (:func:`prepare`).
    ``run_ppo`` calls ``ray.init`` only when Ray is not initialised, so the first run's ``ray_kwargs.ray_init``
    holds for the process; a later run whose ``ray_kwargs`` differ is refused rather than run with the first's.
 
@@ -20,6 +22,10 @@ process, i.e. of this process when Ray started (``VERL_FILE_LOGGER_ROOT``, ``VER
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -43,12 +49,15 @@ def run_callbacks(config: DictConfig) -> None:
         instantiate(callback).on_job_start(config=config)
 
 
-def main_ppo(overrides: Sequence[str]) -> None:
-    """One ``main_ppo`` run with these command-line overrides; returns when it has finished."""
-    global _RAY_KWARGS
-    import ray
+def prepare(overrides: Sequence[str]) -> DictConfig:
+    """What verl's ``main`` does before ``run_ppo``: the composed config, the start-up callbacks run, the device
+    set; the ``hydra`` node removed."""
+    from ssopd_verl.cpu import select_cpu_platform
 
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    # as on the command line (the plugin reads argv there): +platform=cpu selects verl's CPU platform in this
+    # process too, before verl's trainer is imported; else verl resolves "cuda" here and main_ppo's
+    # auto_set_device turns trainer.device=cpu into cuda
+    select_cpu_platform(list(overrides))
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
@@ -59,6 +68,25 @@ def main_ppo(overrides: Sequence[str]) -> None:
         del config["hydra"]
     if not config.trainer.use_v1:
         raise ValueError("main_ppo in process runs verl's v1 trainer only (trainer.use_v1=true)")
+    device = config.trainer.device
+    auto_set_device(config)
+    if device == "cpu" and config.trainer.device != device:
+        raise RuntimeError(
+            f"trainer.device=cpu but verl resolved this process's platform as {config.trainer.device} before "
+            "the first run: run the CPU overlay in a process where VERL_PLATFORM=cpu is set before verl is imported"
+        )
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    return config
+
+
+def main_ppo(overrides: Sequence[str]) -> None:
+    """One ``main_ppo`` run with these command-line overrides; returns when it has finished."""
+    global _RAY_KWARGS
+    config = prepare(overrides)
+    import ray
+
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+
     ray_kwargs = OmegaConf.to_container(config.ray_kwargs, resolve=True)
     if ray.is_initialized():
         if ray_kwargs != _RAY_KWARGS:
@@ -68,8 +96,6 @@ def main_ppo(overrides: Sequence[str]) -> None:
             )
     else:
         _RAY_KWARGS = ray_kwargs
-    auto_set_device(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     runner = _KeepHandle(TaskRunnerV1)
     try:
         run_ppo(config, task_runner_class=runner)
@@ -115,3 +141,19 @@ def wait_for_run_gone(timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the last run's actors {names}, placement groups {groups}, resources {held} remain")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """fds 1 and 2 (this process's output and the workers' lines Ray forwards to it) into ``path``: one log per run
+    when several runs share the process."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])

@@ -22,6 +22,8 @@ import importlib.util
 import os
 import sys
 
+from ssopd_verl.cpu import select_cpu_platform
+
 
 def recipe_requested(argv: list[str]) -> bool:
     return any(arg.lstrip("+~") in ("recipe=ssopd",) for arg in argv)
@@ -39,16 +41,6 @@ def guard_recipe(argv: list[str]) -> None:
             "rather than putting it on PYTHONPATH, and do not shadow the `hydra_plugins` namespace with an "
             "__init__.py. Refusing to run, since Hydra would otherwise train plain PPO."
         )
-
-
-def select_cpu_platform(argv: list[str]) -> None:
-    """`+platform=cpu` on the command line selects verl's CPU platform in the driver too.
-
-    The overlay sets VERL_PLATFORM=cpu for the Ray workers; the driver resolves its platform when this plugin
-    imports verl's trainer, i.e. before Hydra has read the overlay, so the flag is read from argv here.
-    """
-    if any(arg.lstrip("+~") == "platform=cpu" for arg in argv):
-        os.environ.setdefault("VERL_PLATFORM", "cpu")
 
 
 def register() -> None:
@@ -84,5 +76,5 @@ def register_tiny_default_resolver() -> None:
 
 
 guard_recipe(sys.argv)
-select_cpu_platform(sys.argv)
+select_cpu_platform(sys.argv)  # before register() imports verl's trainer, which resolves the platform
 register()
