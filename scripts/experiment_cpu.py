@@ -36,7 +36,6 @@ The runs share one Python process and one Ray instance (``ssopd_verl.glue.in_pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -137,21 +136,6 @@ def run_overrides(args, arm: str, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def output_to(path: Path):
-    """fds 1 and 2 (this process's output and the workers' lines Ray forwards to it) into ``path``."""
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "w") as log:
-        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
-
-
 def run_one(args, arm: str, seed: int) -> None:
     """One run; its tracker is slimmed into ``--runs``. A run with a ``done.json`` is not repeated."""
     name = f"{arm}-s{seed}"
@@ -177,7 +161,7 @@ def run_one(args, arm: str, seed: int) -> None:
                 proc = subprocess.run(command, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
             error = f"exit {proc.returncode}" if proc.returncode else None
         else:
-            from ssopd_verl.glue.in_process import main_ppo
+            from ssopd_verl.glue.in_process import main_ppo, output_to
 
             with output_to(run_dir / "main_ppo.log"):
                 try:
