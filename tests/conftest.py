@@ -19,9 +19,9 @@ E2E_MODULE = "test_e2e_cpu.py"
 def pytest_collection_modifyitems(config, items):
     """Run the tests that need the tiny default last, and start now, in a background process, what they need:
 
-    * with the end-to-end tests selected, ``tests/e2e_runs.py`` (it builds the tiny default, then runs the three
-      ``main_ppo`` runs, ~8 minutes): the runs overlap the other tests, whose processes leave a core idle most of
-      the time; ``test_e2e_cpu.py`` waits for it;
+    * with the end-to-end tests selected, ``tests/e2e_runs.py`` (it builds the tiny default, then runs the
+      ``main_ppo`` runs): the runs overlap the other tests, whose processes leave a core idle most of the time;
+      ``test_e2e_cpu.py`` waits for it;
     * otherwise the tiny default's build alone (one thread, under the cache's file lock, a few minutes), unless
       it is cached; the first test that needs it waits on the lock and then reads the cache.
     """
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
     if not needs:
         return
     items[:] = [item for item in items if item.path.name not in TINY_DEFAULT_MODULES] + needs
-    if any(item.path.name == E2E_MODULE for item in needs):
+    if any(item.path.name == E2E_MODULE for item in needs) and not os.environ.get("SSOPD_E2E_ROOT"):
         root = Path(tempfile.mkdtemp(prefix="ssopd-e2e-"))
         command = [sys.executable, str(Path(__file__).with_name("e2e_runs.py")), str(root)]
         config._e2e_runs = (_background(config, command, root / "runs.log"), root)

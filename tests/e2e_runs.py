@@ -1,22 +1,32 @@
 """The real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
 
+In this order (E alongside, V first so that no other engine's lines can reach its log):
+
+* V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
+  2 steps, a checkpoint at step 2.
 * A, the README's main job: validation, 3 steps, a checkpoint at step 2 (and at the end), a token view at step 2.
 * C resumes from A's step-2 checkpoint alone, in a fresh directory, for step 3.
-* E, the experiment command at 2 steps for ``ssopd-initial`` (LoRA, initial teacher, a distillation horizon),
-  with dynamic batching that counts the teacher tokens.
 * Two ranks (``trainer.n_gpus_per_node=2``), 2 steps each, one rollout replica over both ranks (rollout tensor
   parallel 2, so that they sample what the one-rank run A samples): B, data parallel 2 with the recipe's defaults;
   S, Ulysses sequence parallel 2.
 * L, the nine launch scripts shrunk for CPU (``CPU_SMOKE=1``, ``scripts/launch/common.sh``), one step each, two
   ranks: dynamic batching with a budget that gives rows micro-batches of their own, LoRA with the initial teacher
-  and a distillation horizon (SETUP=reported), parameter and optimizer offload on the 8B scripts.
-* V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
-  2 steps, a checkpoint at step 2.
+  and a distillation horizon (SETUP=reported), parameter and optimizer offload on the 8B scripts. Each script
+  composes its overrides itself (``DRY_RUN=args``: the exact argument list it would ``exec`` main_ppo with);
+  they are run as written.
+* E, the experiment command (``scripts/experiment_cpu.py``) at 2 steps for ``ssopd-initial`` (LoRA, initial
+  teacher, a distillation horizon), with dynamic batching that counts the teacher tokens: a process of its own
+  (the runner starts its own Ray, with its own tracker folder), started alongside the others.
 
-Each writes its log (``ROOT/<run>/main_ppo.log``) and verl's file tracker under ROOT. ``tests/conftest.py`` starts
-this in a background process when the e2e tests are collected (after building the tiny default), so that the runs
-overlap the other tests instead of following them; the e2e tests wait for it and read what the runs logged.
-A failing run makes the command exit non-zero with the run's output tail in ``ROOT/failure.txt``.
+All runs but E go through ``main_ppo`` in this one process with one Ray instance
+(:func:`ssopd_verl.glue.in_process.main_ppo`: Hydra's composition and start-up callbacks, verl's ``run_ppo``, fresh
+actors per run): a run spends ~30 s of its ~2 minutes importing verl and starting Ray, once here. They therefore
+share ``ray_kwargs`` (:data:`SHARED`: two logical GPUs, so that the two-rank runs fit; the file tracker's root).
+
+Each run writes its log to ``ROOT/<run>.log`` (runs: v, a, c, b, s, e and the launch scripts' names) and verl's file tracker to ``ROOT/logs/<project>/<run>.jsonl``; a
+failed run writes ``ROOT/failed/<run>.txt`` (the error and the log's tail) and the others still run, so that each
+test reports its own run. ``tests/conftest.py`` starts this in a background process when the e2e tests are
+collected (after building the tiny default), so that the runs overlap the other tests instead of following them.
 """
 
 from __future__ import annotations
@@ -26,41 +36,50 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT, EXPERIMENT = "ssopd-tiny", "e2e"
+PROJECT = "ssopd-tiny"
+REUSE_ENV = "SSOPD_E2E_ROOT"  # tests/test_e2e_cpu.py reads the runs already in this folder instead of running them
 TOKEN_BUDGET = 512  # E's dynamic-batching budget (ppo_max_token_len_per_gpu), teacher tokens included
 EXPERIMENT_TRACKER = Path("e") / "trackers" / "experiment" / "ssopd-initial-s0.jsonl"
-
-
-class RunFailed(RuntimeError):
-    pass
-
-
+LAUNCH = REPO / "scripts" / "launch"
+LAUNCH_SCRIPTS = [f"qwen3_{size}_{method}" for size in ("1.7b", "4b", "8b") for method in ("grpo", "opsd", "ssopd")]
+LAUNCH_PROJECT = "ssopd"  # the launch scripts' PROJECT_NAME; each run is named after its script
+# one rollout replica over both ranks: it samples what the one-rank run samples (ssopd_verl.cpu.rollout)
+TWO_RANKS = ("trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2")
+ULYSSES = ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+           "actor_rollout_ref.model.override_config.attn_implementation=ulysses_sdpa")  # fmt: skip
 # The reward workers' math-verify budget (ssopd_verl.evaluation.grading): a loaded CI machine must not turn a grade
-# into a timeout (the runs assert reward/grading_timeout == 0). Ray workers inherit the driver's environment.
-GRADING_ENV = {"SSOPD_GRADING_TIMEOUT_S": "600"}
+# into a timeout (the runs assert reward/grading_timeout == 0); one grading process per reward worker instead of 4
+# (each imports sympy; a step grades 64 short answers). Ray workers inherit the driver's environment.
+GRADING_ENV = {"SSOPD_GRADING_TIMEOUT_S": "600", "SSOPD_GRADING_WORKERS": "1"}
 
 
-def run(cmd: list[str], cwd: Path, log: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}  # the +platform=cpu overlay selects it
-    env.update(GRADING_ENV)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RunFailed(f"{' '.join(cmd)}\nexited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+def shared_ray_kwargs(root: Path) -> tuple[str, ...]:
+    """What every run of this process passes, because one Ray instance serves them all: 2 logical GPUs (the
+    CPU overlay's default is one per rank of *this* run) and the file tracker's root (as the launch scripts set
+    it, from $LOG_DIR)."""
+    return ("ray_kwargs.ray_init.num_gpus=2",
+            f"++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_ROOT={root / 'logs'}")  # fmt: skip
 
 
-def main_ppo(workdir: Path, *overrides: str) -> None:
-    """The main job in ``workdir`` (verl's file logger writes under it)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", "+platform=cpu", "+tiny=default",
-        f"trainer.project_name={PROJECT}", f"trainer.experiment_name={EXPERIMENT}",
-        f"trainer.default_local_dir={workdir / 'checkpoints'}", *overrides,
-    ]  # fmt: skip
-    run(cmd, workdir, workdir / "main_ppo.log")
+def main_job(root: Path, name: str, *overrides: str) -> list[str]:
+    """The README's main job, named ``name`` (its tracker: ROOT/logs/ssopd-tiny/<name>.jsonl)."""
+    return ["+recipe=ssopd", "+platform=cpu", "+tiny=default", f"trainer.project_name={PROJECT}",
+            f"trainer.experiment_name={name}", f"trainer.default_local_dir={root / name / 'checkpoints'}",
+            *overrides, *shared_ray_kwargs(root)]  # fmt: skip
+
+
+def launch_script_overrides(root: Path, name: str) -> list[str]:
+    """The Hydra overrides one of the nine launch scripts runs main_ppo with, shrunk for CPU (CPU_SMOKE=1)."""
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    env.update(CPU_SMOKE="1", DRY_RUN="args", LOG_DIR=str(root / "logs"), CKPT_ROOT=str(root / "launch"))
+    proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh")], env=env, capture_output=True, text=True, check=True)
+    overrides = proc.stdout.splitlines()
+    return [*overrides, "ray_kwargs.ray_init.num_gpus=2"]
 
 
 def tracker(path: Path) -> dict[int, dict]:
@@ -72,71 +91,103 @@ def tracker(path: Path) -> dict[int, dict]:
     return steps
 
 
-LAUNCH = REPO / "scripts" / "launch"
-LAUNCH_SCRIPTS = [f"qwen3_{size}_{method}" for size in ("1.7b", "4b", "8b") for method in ("grpo", "opsd", "ssopd")]
-# one rollout replica over both ranks: it samples what the one-rank run samples (ssopd_verl.cpu.rollout)
-TWO_RANKS = ("trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2")
-ULYSSES = ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
-           "actor_rollout_ref.model.override_config.attn_implementation=ulysses_sdpa")  # fmt: skip
+def failure(root: Path, name: str):
+    path = root / "failed" / f"{name}.txt"
+    return path.read_text() if path.exists() else None
 
 
-def metrics(root: Path) -> dict:
-    """What the runs logged, by step: {"main", "resumed", "experiment", "dp2", "sp2", "vllm", "launch": {script: ...}}."""
-    return {
-        "main": tracker(root / "a" / PROJECT / f"{EXPERIMENT}.jsonl"),
-        "resumed": tracker(root / "c" / PROJECT / f"{EXPERIMENT}.jsonl"),
-        "experiment": tracker(root / EXPERIMENT_TRACKER),
-        "dp2": tracker(root / "b" / PROJECT / f"{EXPERIMENT}.jsonl"),
-        "sp2": tracker(root / "s" / PROJECT / f"{EXPERIMENT}.jsonl"),
-        "launch": {name: tracker(root / "launch" / "logs" / "ssopd" / f"{name}.jsonl") for name in LAUNCH_SCRIPTS},
-        "vllm": tracker(root / "v" / PROJECT / f"{EXPERIMENT}.jsonl"),
-    }
+def metrics(root: Path, name: str) -> dict[int, dict]:
+    """What run ``name`` logged, by step; raises with the run's error when it failed."""
+    error = failure(root, name)
+    if error is not None:
+        raise AssertionError(f"run {name} failed:\n{error}")
+    if name == "e":
+        return tracker(root / EXPERIMENT_TRACKER)
+    project = LAUNCH_PROJECT if name in LAUNCH_SCRIPTS else PROJECT
+    return tracker(root / "logs" / project / f"{name}.jsonl")
 
 
-def launch_script(root: Path, name: str) -> None:
-    """One of the nine launch scripts, shrunk for CPU (CPU_SMOKE=1), from a directory of its own."""
-    workdir = root / "launch" / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
-    env.update(CPU_SMOKE="1", PYTHON=sys.executable, LOG_DIR=str(root / "launch" / "logs"),
-               CKPT_ROOT=str(root / "launch" / "checkpoints"), **GRADING_ENV)  # fmt: skip
-    proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh"), f"hydra.run.dir={workdir / 'hydra'}"], cwd=workdir,
-                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
-    (workdir / "main_ppo.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RunFailed(f"{name} (CPU_SMOKE=1) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+def run_in_process(root: Path, name: str, overrides: list[str]) -> None:
+    """One main_ppo run in this process; its failure is written down, not raised."""
+    from ssopd_verl.glue.in_process import main_ppo, output_to
+
+    log = root / f"{name}.log"
+    try:
+        with output_to(log):
+            print("main_ppo " + " ".join(overrides), flush=True)
+            main_ppo(overrides)
+            wait_for_text(log, PROGRESS_DONE)
+    except Exception:  # noqa: BLE001 - every run is reported by its own test
+        tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
+        (root / "failed").mkdir(exist_ok=True)
+        (root / "failed" / f"{name}.txt").write_text(f"{traceback.format_exc()}\n--- log tail ---\n{tail}")
+    print(f"{name}: {'FAILED' if failure(root, name) else 'ok'}", flush=True)
+
+
+# verl's progress bar at the end of training, printed by the TaskRunner: Ray forwards a worker's lines to this
+# process asynchronously, so a run's last lines may arrive after main_ppo returned
+PROGRESS_DONE = "Training Progress: 100%"
+
+
+def wait_for_text(path: Path, text: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def start_experiment(root: Path) -> subprocess.Popen:
+    """E in a process of its own (see the module docstring)."""
+    (root / "e").mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
+               "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
+               "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16",
+               "actor_rollout_ref.actor.use_dynamic_bsz=true",
+               f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"]  # fmt: skip
+    log = open(root / "e.log", "w")
+    return subprocess.Popen(command, cwd=root / "e", stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish_experiment(root: Path, proc: subprocess.Popen) -> None:
+    code = proc.wait(timeout=3600)
+    if code != 0:
+        (root / "failed").mkdir(exist_ok=True)
+        tail = (root / "e.log").read_text(errors="replace")[-6000:]
+        (root / "failed" / "e.txt").write_text(f"scripts/experiment_cpu.py exited {code}\n--- log tail ---\n{tail}")
+    print(f"e: {'FAILED' if code else 'ok'}", flush=True)
 
 
 def run_all(root: Path) -> None:
     from ssopd_verl.tiny_default import build_tiny_default
 
+    os.environ.pop("VERL_PLATFORM", None)  # the +platform=cpu overlay selects it (in Ray's runtime env)
+    os.environ.update(GRADING_ENV)
     build_tiny_default()  # cached after the first time; under the cache's file lock
-    main_ppo(root / "a", "trainer.total_training_steps=3", "trainer.save_freq=2", "trainer.test_freq=2",
-             "trainer.val_before_train=true", "actor_rollout_ref.rollout.seed=0")  # the experiment's seed 0
-    checkpoints = root / "c" / "checkpoints"  # a fresh directory holding only A's step-2 checkpoint
-    shutil.copytree(root / "a" / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
-    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
-    main_ppo(root / "c", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.test_freq=-1",
-             "trainer.val_before_train=false", "trainer.resume_mode=auto", "actor_rollout_ref.rollout.seed=0")
+    experiment = start_experiment(root)  # alongside the next runs: its start-up overlaps theirs
+    # V first: its log must hold vLLM's lines and no other engine's (a run's last forwarded lines can reach the
+    # next run's log)
+    run_in_process(root, "v", main_job(root, "v", "actor_rollout_ref.rollout.name=vllm",
+                   "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.test_freq=2",
+                   "trainer.val_before_train=true"))  # fmt: skip
+    run_in_process(root, "a", main_job(root, "a", "trainer.total_training_steps=3", "trainer.save_freq=2",
+                   "trainer.test_freq=2", "trainer.val_before_train=true", "actor_rollout_ref.rollout.seed=0"))  # fmt: skip
+    if failure(root, "a") is None:
+        checkpoints = root / "c" / "checkpoints"  # a fresh directory holding only A's step-2 checkpoint
+        shutil.copytree(root / "a" / "checkpoints" / "global_step_2", checkpoints / "global_step_2")
+        (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+        run_in_process(root, "c", main_job(root, "c", "trainer.total_training_steps=3", "trainer.save_freq=-1",
+                       "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.resume_mode=auto",
+                       "actor_rollout_ref.rollout.seed=0"))  # fmt: skip
     for name, extra in (("b", ()), ("s", ULYSSES)):
-        main_ppo(root / name, "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.test_freq=-1",
-                 "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0", *TWO_RANKS, *extra)  # fmt: skip
+        run_in_process(root, name, main_job(root, name, "trainer.total_training_steps=2", "trainer.save_freq=-1",
+                       "trainer.test_freq=-1", "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0",
+                       *TWO_RANKS, *extra))  # fmt: skip
+    finish_experiment(root, experiment)
     for name in LAUNCH_SCRIPTS:
-        launch_script(root, name)
-    (root / "e").mkdir(parents=True, exist_ok=True)
-    run([sys.executable, str(REPO / "scripts" / "experiment_cpu.py"), "--out", str(root / "e"),
-         "--methods", "ssopd-initial", "--lora-rank", "8", "--seeds", "1", "--steps", "2", "--test-freq", "2",
-         "--doc", str(root / "evidence.md"), "ssopd.max_distill_tokens=16", "actor_rollout_ref.actor.use_dynamic_bsz=true",
-         f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={TOKEN_BUDGET}"], root / "e", root / "e" / "experiment.log")  # fmt: skip
-    main_ppo(root / "v", "actor_rollout_ref.rollout.name=vllm", "trainer.total_training_steps=2", "trainer.save_freq=2",
-             "trainer.test_freq=2", "trainer.val_before_train=true")  # fmt: skip
+        run_in_process(root, name, launch_script_overrides(root, name))
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        run_all(out)
-    except RunFailed as error:
-        (out / "failure.txt").write_text(str(error))
-        sys.exit(1)
+    os.chdir(out)  # whatever a run writes relative to its working directory stays with the runs
+    run_all(out.resolve())

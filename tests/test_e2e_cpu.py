@@ -4,8 +4,9 @@ Everything runs for real: Hydra + our overlays, Ray, TransferQueue, the agent lo
 backend, verl's reward loop with the bounded grader, the SSOPD trainer, worker and loss, checkpointing and resume.
 The embedded tiny default (built once into the user cache) gives mixed groups, so SSOPD has pairs.
 
-The runs, one after the other (``tests/e2e_runs.py``; ``conftest.py`` starts them in the background at
-collection, so that they overlap the other tests), share the work of several checks:
+The runs (``tests/e2e_runs.py``: all but E in one process with one Ray instance, E alongside in its own;
+``conftest.py`` starts them in the background at collection, so that they overlap the other tests) share the
+work of several checks:
 
 * A, the README's main job (full fine-tuning, live teacher): validation, 3 steps, a checkpoint at step 2 (and at
   the end), a token view at step 2.
@@ -27,7 +28,11 @@ collection, so that they overlap the other tests), share the work of several che
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,24 +71,40 @@ def assert_same_samples(want: dict, got: dict, ignore: tuple = ()) -> None:
         assert got[key] == want[key], (key, want[key], got[key])
 
 
+class Runs:
+    """The runs of tests/e2e_runs.py, by name (v, a, c, b, s, e and the launch scripts'): ``runs[name]`` is what
+    the run logged, by step; a failed run's test fails with the run's error."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def __getitem__(self, name: str) -> dict:
+        return e2e_runs.metrics(self.root, name)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
-    """The runs of tests/e2e_runs.py: started in the background by conftest.py at collection (waited for here),
-    or run here when nothing started them."""
+    """Started in the background by conftest.py at collection (waited for here), or run here when nothing started
+    them; with SSOPD_E2E_ROOT set, the runs an earlier ``python tests/e2e_runs.py ROOT`` left there (to re-check
+    the assertions without running anything)."""
     background = getattr(request.config, "_e2e_runs", None)
-    if background is None:
+    if os.environ.get(e2e_runs.REUSE_ENV):
+        root = Path(os.environ[e2e_runs.REUSE_ENV])
+    elif background is None:
         root = tmp_path_factory.mktemp("e2e")
-        e2e_runs.run_all(root)
+        subprocess.run([sys.executable, e2e_runs.__file__, str(root)], check=True)
     else:
         proc, root = background
         proc.wait(timeout=3600)
-        failure = root / "failure.txt"
-        assert proc.returncode == 0, failure.read_text() if failure.exists() else f"see {root / 'runs.log'}"
-    return {"root": root, **e2e_runs.metrics(root)}
+        assert proc.returncode == 0, f"the e2e runner itself failed: see {root / 'runs.log'}"
+    return Runs(root)
 
 
 def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
-    steps, root = runs["main"], runs["root"]
+    steps, root = runs["a"], runs.root
     assert {0, 1, 2, 3} <= set(steps)
     for step in (1, 2, 3):
         ssopd = {k: v for k, v in steps[step].items() if k.startswith("ssopd/")}
@@ -101,7 +122,7 @@ def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
         assert "reward/grading_skipped" in steps[step]
     assert validation(steps[0]) and validation(steps[2])  # before training and at test_freq
     # the console: one compact line per step (ssopd_verl.console), validation in the lines of validated steps
-    log = re.sub(r"\x1b\[[0-9;]*m", "", (root / "a" / "main_ppo.log").read_text())
+    log = re.sub(r"\x1b\[[0-9;]*m", "", runs.log("a"))
     lines = [line.split(") ", 1)[-1] for line in log.splitlines() if re.search(r"ssopd +\[[#-]+\] +\d/3 ", line)]
     assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], lines
     assert all(" reward " in line and " pairs " in line and " teacher-student " in line for line in lines)
@@ -114,7 +135,7 @@ def test_main_job_logs_pairs_distillation_validation_and_checkpoints(runs):
 def test_token_view_of_step_two(runs):
     """The tiny default asks for a token view every 2 steps (ssopd.token_view_every): step 2's page holds up to
     4 distilled targets, each with its tokens coloured by loss and the teacher's prompt beside them."""
-    root = runs["root"]
+    root = runs.root
     pages = sorted((root / "a" / "checkpoints" / "token_view").glob("*.html"))
     assert [p.name for p in pages] == ["step_000002.html"]
     page = pages[0].read_text()
@@ -124,11 +145,11 @@ def test_token_view_of_step_two(runs):
     assert "boxed{" in page  # the witness's answer
     assert "reward target 0.0000 / witness 1.0000" in page  # a wrong target, a correct witness
     assert '<span class="t' in page and 'style="background:rgb(' in page  # tokens coloured by their loss
-    assert "ssopd: token view of step 2:" in (root / "a" / "main_ppo.log").read_text()
+    assert "ssopd: token view of step 2:" in runs.log("a")
 
 
 def test_resumed_step_three_equals_the_uninterrupted_one(runs):
-    main, resumed = runs["main"], runs["resumed"]
+    main, resumed = runs["a"], runs["c"]
     assert sorted(s for s, data in resumed.items() if "ssopd/pairs" in data) == [3]  # it really resumed
     assert_same_samples(main[3], resumed[3])
     for key in LOSS_METRICS:
@@ -136,7 +157,7 @@ def test_resumed_step_three_equals_the_uninterrupted_one(runs):
 
 
 def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon(runs):
-    main, lora = runs["main"], runs["experiment"]
+    main, lora = runs["a"], runs["e"]
     assert validation(lora[0]) == validation(main[0])  # greedy on all 128 problems: one score per checkpoint
     # LoRA starts as the identity: the same seed samples the same step 1 (the teacher sequences are shorter: their
     # targets are cut to 16 tokens)
@@ -150,17 +171,17 @@ def test_experiment_command_with_lora_initial_teacher_and_a_distillation_horizon
     # E batches dynamically: no micro-batch's student + teacher tokens exceed the budget (A: one micro-batch)
     assert lora[1]["ssopd/micro_batch_tokens_max"] <= TOKEN_BUDGET < main[1]["ssopd/micro_batch_tokens_max"]
     assert validation(lora[2])
-    text = (runs["root"] / "evidence.md").read_text()
-    assert "| ssopd-initial | 1 |" in text and (runs["root"] / "e" / "figures" / "val_acc.png").exists()
+    text = (runs.root / "evidence.md").read_text()
+    assert "| ssopd-initial | 1 |" in text and (runs.root / "e" / "figures" / "val_acc.png").exists()
 
 
-@pytest.mark.parametrize("layout", ["dp2", "sp2"])
+@pytest.mark.parametrize("layout", ["b", "s"], ids=["dp2", "sp2"])
 def test_two_ranks_log_what_one_rank_logs_on_the_same_batch(runs, layout):
     """B (data parallel 2, the recipe's defaults: it crashed at the first update before) and S (Ulysses sequence
     parallel 2) sample what the one-rank main job A samples at step 1 (one rollout replica), so every ssopd/*
     metric of that step must read the same: the sample-derived ones exactly, the losses and the per-position means
     to fp32 summation order (rel 1e-4: the micro-batches and their packing differ)."""
-    one, two = runs["main"], runs[layout]
+    one, two = runs["a"], runs[layout]
     assert sorted(s for s, data in two.items() if "ssopd/pairs" in data) == [1, 2]
     assert_same_samples(one[1], two[1])
     for key in LOSS_METRICS + POSITION_MEANS + ("ssopd/teacher_nonfinite", "degeneration/repetition_loop_frac"):
@@ -178,7 +199,7 @@ def test_launch_script_runs_shrunk_on_two_cpu_ranks(runs, name):
     """Each launch script through main_ppo on two CPU ranks (CPU_SMOKE=1: only what cannot run on CPU substituted;
     its dynamic batching, LoRA + initial teacher + distillation horizon, offload on the 8B scripts kept): validation
     before training and one step with the method's terms."""
-    steps = runs["launch"][name]
+    steps = runs[name]
     assert validation(steps[0]) and 1 in steps
     step = steps[1]
     assert math.isfinite(step["actor/pg_loss"]) and step["ssopd/groups"] == 8
@@ -198,7 +219,7 @@ SYNC_TOLERANCE = 1e-4
 
 
 def test_vllm_rollout_run_trains_validates_checkpoints_and_samples_with_the_synced_weights(runs):
-    steps, main, root = runs["vllm"], runs["main"], runs["root"]
+    steps, main, root = runs["v"], runs["a"], runs.root
     assert {0, 1, 2} <= set(steps)
     for step in (1, 2):
         ssopd = {k: v for k, v in steps[step].items() if k.startswith("ssopd/")}
@@ -211,6 +232,6 @@ def test_vllm_rollout_run_trains_validates_checkpoints_and_samples_with_the_sync
     # tie that vLLM's batch composition (which requests share a forward) may flip: at most 2 of the 128 problems
     for key, value in validation(main[0]).items():
         assert abs(validation(steps[0])[key] - value) <= 2 / 128, (key, value, validation(steps[0])[key])
-    log = (root / "v" / "main_ppo.log").read_text()
+    log = runs.log("v")
     assert "vLLMHttpServer" in log and "HFRolloutServer" not in log  # vLLM served the run; no other engine did
     assert (root / "v" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()
