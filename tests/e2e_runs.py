@@ -6,7 +6,7 @@ In this order (E alongside, V first so that no other engine's lines can reach it
   2 steps, a checkpoint at step 2.
 * A, the README's main job: validation, 3 steps, a checkpoint at step 2 (and at the end), a token view at step 2.
 * C resumes from A's step-2 checkpoint alone, in a fresh directory, for step 3.
-* Two ranks (``trainer.n_gpus_per_node=2``), 2 steps each, one rollout replica over both ranks (rollout tensor
+* Two ranks (``trainer.n_gpus_per_node=2``), 1 step each (the update, then the weights' sync to the rollout), one rollout replica over both ranks (rollout tensor
   parallel 2, so that they sample what the one-rank run A samples): B, data parallel 2 with the recipe's defaults;
   S, Ulysses sequence parallel 2.
 * L, the nine launch scripts shrunk for CPU (``CPU_SMOKE=1``, ``scripts/launch/common.sh``), one step each, two
@@ -178,7 +178,7 @@ def run_all(root: Path) -> None:
                        "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.resume_mode=auto",
                        "actor_rollout_ref.rollout.seed=0"))  # fmt: skip
     for name, extra in (("b", ()), ("s", ULYSSES)):
-        run_in_process(root, name, main_job(root, name, "trainer.total_training_steps=2", "trainer.save_freq=-1",
+        run_in_process(root, name, main_job(root, name, "trainer.total_training_steps=1", "trainer.save_freq=-1",
                        "trainer.test_freq=-1", "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0",
                        *TWO_RANKS, *extra))  # fmt: skip
     finish_experiment(root, experiment)

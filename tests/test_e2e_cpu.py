@@ -182,15 +182,15 @@ def test_two_ranks_log_what_one_rank_logs_on_the_same_batch(runs, layout):
     metric of that step must read the same: the sample-derived ones exactly, the losses and the per-position means
     to fp32 summation order (rel 1e-4: the micro-batches and their packing differ)."""
     one, two = runs["a"], runs[layout]
-    assert sorted(s for s, data in two.items() if "ssopd/pairs" in data) == [1, 2]
+    assert sorted(s for s, data in two.items() if "ssopd/pairs" in data) == [1]
     assert_same_samples(one[1], two[1])
     for key in LOSS_METRICS + POSITION_MEANS + ("ssopd/teacher_nonfinite", "degeneration/repetition_loop_frac"):
         assert math.isclose(two[1][key], one[1][key], rel_tol=1e-4, abs_tol=1e-6), (key, one[1][key], two[1][key])
-    for step in (1, 2):
-        ssopd = {k: v for k, v in two[step].items() if k.startswith(("ssopd/", "degeneration/"))}
-        assert all(math.isfinite(v) for v in ssopd.values()), ssopd
-        assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/distill_loss"] != 0
-        assert_shares_in_unit_interval(two[step])
+    ssopd = {k: v for k, v in two[1].items() if k.startswith(("ssopd/", "degeneration/"))}
+    assert all(math.isfinite(v) for v in ssopd.values()), ssopd
+    assert ssopd["ssopd/pairs"] >= 1 and ssopd["ssopd/distill_loss"] != 0
+    assert "timing_s/update_weights" in two[1]  # the updated weights reached the rollout replica over both ranks
+    assert_shares_in_unit_interval(two[1])
     assert_shares_in_unit_interval(one[1])
 
 
@@ -202,7 +202,7 @@ def test_launch_script_runs_shrunk_on_two_cpu_ranks(runs, name):
     steps = runs[name]
     assert validation(steps[0]) and 1 in steps
     step = steps[1]
-    assert math.isfinite(step["actor/pg_loss"]) and step["ssopd/groups"] == 8
+    assert math.isfinite(step["actor/pg_loss"]) and step["ssopd/groups"] == 4  # CPU_SMOKE: 4 prompts
     assert_shares_in_unit_interval(step)
     if name.endswith("_grpo"):  # ssopd.lambda=0: GRPO through the same trainer, nothing distilled
         assert "ssopd/distill_loss" not in step

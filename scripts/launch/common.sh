@@ -35,9 +35,9 @@
 #                     every other override of the script is passed as written (docs/reproduction.md lists them):
 #                       model and data -> the embedded tiny default (${ssopd_tiny:...}); +platform=cpu (CPU
 #                       platform, fp32, the transformers rollout `hf` instead of vLLM); GPUs -> 2 CPU ranks on
-#                       1 node; sizes scaled down (batch 8 prompts x 8, mini-batch 2 prompts: the same 4 updates
+#                       1 node; sizes scaled down (batch 4 prompts x 8, mini-batch 1 prompt: the same 4 updates
 #                       per step; prompt 64 + response 48 tokens; the token budget PPO_MAX_TOKEN_LEN in the same
-#                       ratio to prompt + response as the script's; DISTILL_TOKENS 16; 16 validation problems);
+#                       ratio to prompt + response as the script's; DISTILL_TOKENS 16; 8 validation problems);
 #                       1 training step, no checkpoint, no in-training validation besides the one before training.
 #                     Any knob set in the environment still wins.
 #
@@ -73,10 +73,10 @@ if [[ "${CPU_SMOKE:-0}" == "1" ]]; then
     size_max_tok=$(( size_max_tok * (64 + 48) / (1024 + 16384) ))
     size_nnodes=1
     : "${MODEL_PATH:=\${ssopd_tiny:model_path\}}" "${TRAIN_FILES:=\${ssopd_tiny:train_file\}}"
-    : "${VAL_FILES:=\${ssopd_tiny:val_file\}}" "${N_GPUS_PER_NODE:=2}" "${TRAIN_BATCH_SIZE:=8}"
-    : "${PPO_MINI_BATCH_SIZE:=2}" "${MAX_PROMPT_LENGTH:=64}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=1}"
+    : "${VAL_FILES:=\${ssopd_tiny:val_file\}}" "${N_GPUS_PER_NODE:=2}" "${TRAIN_BATCH_SIZE:=4}"
+    : "${PPO_MINI_BATCH_SIZE:=1}" "${MAX_PROMPT_LENGTH:=64}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=1}"
     : "${SAVE_FREQ:=-1}" "${TEST_FREQ:=-1}" "${DISTILL_TOKENS:=16}" "${ROLLOUT_NAME:=hf}"
-    smoke_args=(+platform=cpu data.val_max_samples=16)
+    smoke_args=(+platform=cpu data.val_max_samples=8)
 fi
 
 SCRIPT_NAME=$(basename "$0" .sh)
