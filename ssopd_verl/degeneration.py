@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Collection, Optional, Sequence, Union
 
 __all__ = [
+    "FLAG_KEYS",
     "TEXT_RULE",
     "TOKEN_RULE",
     "Loop",
@@ -224,10 +225,13 @@ def completion_flags(seq: Completion, *, max_length: int, end_ids: Collection = 
     length = len(seq)
     hit = length >= max_length and length > 0 and seq[length - 1] not in end_ids
     looped = find_terminal_loop(seq, rule, end_ids=end_ids) is not None
-    return {"length_limit": float(hit), "repetition_loop": float(looped), "response_tokens": float(length)}
+    return dict(zip(FLAG_KEYS, (float(hit), float(looped), float(length))))
 
 
 METRIC_PREFIX = "degeneration/"
+# the per-sample keys of completion_flags (verl logs their per-data-source means at validation:
+# val-aux/<data source>/<flag>/mean@<n>)
+FLAG_KEYS = ("length_limit", "repetition_loop", "response_tokens")
 
 
 def degeneration_metrics(summary: dict, prefix: str = METRIC_PREFIX) -> dict[str, float]:

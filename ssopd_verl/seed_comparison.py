@@ -14,8 +14,9 @@ confidence interval (resampling the seeds, a fixed bootstrap seed: the same file
 
 Curves of any metric over seeds (:func:`seed_bands`): at every step that *all* of an arm's seeds logged (a crashed
 or shorter seed never silently shrinks the mean), the mean, min-max range and sample standard deviation.
-Degeneration metrics (:func:`degeneration_keys`): whatever ``degeneration/*`` (training) or ``val-*`` keys holding
-``degeneration`` (validation) the trackers have; none is fine.
+Degeneration metrics (:func:`degeneration_keys`): whatever ``degeneration/*`` (training) or validation keys
+(``val-*`` holding ``degeneration``, or the ``ssopd`` reward manager's per-sample flags) the trackers have; none
+is fine.
 
 Pure: no verl, no training (numpy and, for the figures, matplotlib).
 """
@@ -32,6 +33,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ssopd_verl.degeneration import FLAG_KEYS
 from ssopd_verl.reporting import load_tracker
 
 Curve = list[tuple[int, float]]  # (step, value), sorted by step
@@ -86,10 +88,13 @@ def validation_accuracy(path_or_series: str | Path | Mapping) -> Curve:
 
 
 def degeneration_keys(trackers: Iterable[Mapping]) -> list[str]:
-    """Training ``degeneration/*`` keys, then validation ``val-*`` keys holding ``degeneration``, sorted."""
+    """Training ``degeneration/*`` keys, then validation ``val-*`` keys holding ``degeneration`` or the ``ssopd``
+    reward manager's per-sample flags as verl averages them (``val-aux/<source>/<flag>/mean@<n>``, flags
+    :data:`ssopd_verl.degeneration.FLAG_KEYS`), sorted."""
     keys = {k for series in trackers for k in series}
     train = sorted(k for k in keys if k.startswith("degeneration/"))
-    val = sorted(k for k in keys if k.startswith("val-") and "degeneration" in k)
+    flags = tuple(f"/{flag}/mean@" for flag in FLAG_KEYS)
+    val = sorted(k for k in keys if k.startswith("val-") and ("degeneration" in k or any(f in k for f in flags)))
     return train + val
 
 

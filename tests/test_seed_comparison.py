@@ -107,10 +107,12 @@ def test_summary_and_curve_tables():
 def test_degeneration_keys_are_whatever_the_trackers_have():
     trackers = [
         {"degeneration/length_limit_frac": [], "critic/score/mean": [], "val-aux/x/degeneration/loop_frac@1": []},
-        {"degeneration/repetition_loop_frac": [], "val-core/x/acc/mean@1": [], "ssopd/degeneration_like": []},
+        {"degeneration/repetition_loop_frac": [], "val-core/x/acc/mean@1": [], "ssopd/degeneration_like": [],
+         "val-aux/x/repetition_loop/mean@1": [], "val-aux/x/repetition_loop/std@4": [], "val-aux/x/reward/mean@1": []},
     ]
     assert sc.degeneration_keys(trackers) == [
-        "degeneration/length_limit_frac", "degeneration/repetition_loop_frac", "val-aux/x/degeneration/loop_frac@1"
+        "degeneration/length_limit_frac", "degeneration/repetition_loop_frac", "val-aux/x/degeneration/loop_frac@1",
+        "val-aux/x/repetition_loop/mean@1"
     ]  # fmt: skip
     assert sc.degeneration_keys([{"critic/score/mean": []}]) == []
     assert sc.seed_curves([{"k": [(1, 0.5)]}, {}], "k") is None  # a seed without it: no band
