@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GRPO vs SSOPD variants on the embedded tiny default, on CPU, over seeds: every run through verl's main_ppo.
 
-  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --arms study --seeds 5 --steps 40 \
+  .venv/bin/python scripts/experiment_cpu.py --out experiment-cpu --arms study --seeds 5 --steps 20 \
       --test-freq 4 --lora-rank 16 --lr 2e-4 --runs docs/evidence/runs --doc docs/evidence.md   # run + report
   .venv/bin/python scripts/experiment_cpu.py --report-only --runs docs/evidence/runs --doc docs/evidence.md
 
