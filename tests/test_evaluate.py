@@ -169,14 +169,17 @@ def test_interrupted_run_and_larger_n_draw_only_the_missing_samples(first_run, t
     assert summary["benchmarks"]["aime24"]["n"] == 3 and "avg@3" in summary["macro"]
 
 
-def test_regrade_recomputes_scores_from_saved_completions(first_run, tmp_path):
-    src, _ = first_run
-    out = tmp_path / "regrade"
+def _edit_copy(src, out):
+    """A copy of the first run's output folder, and its aime24 rows to edit and write back."""
     out.mkdir()
     for f in src.iterdir():
         (out / f.name).write_bytes(f.read_bytes())
+    return out, runner.read_jsonl(out / "aime24.jsonl")
+
+
+def test_regrade_recomputes_scores_from_saved_completions(first_run, tmp_path):
+    out, rows = _edit_copy(first_run[0], tmp_path / "regrade")
     path = out / "aime24.jsonl"
-    rows = runner.read_jsonl(path)
     rows[0]["completion"] = "<think>\nok\n</think>\n\nThe answer is \\boxed{" + rows[0]["answer"] + "}."
     rows[1]["score"] = 1.0  # a stale score the grader disagrees with
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -192,13 +195,8 @@ def test_summary_reports_degeneration_per_benchmark(first_run, tmp_path):
     """The table's degeneration columns (issue: degeneration in evaluate.py's table): length-limit hits as the
     engine reported them, terminal repetition loops on the decoded text (ssopd_verl.degeneration's text rule),
     empty completions left out of the loop share; a 100k-character looping answer costs the window, not its length."""
-    src, _ = first_run
-    out = tmp_path / "degeneration"
-    out.mkdir()
-    for f in src.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
+    out, rows = _edit_copy(first_run[0], tmp_path / "degeneration")
     path = out / "aime24.jsonl"
-    rows = runner.read_jsonl(path)
     loop = "<think>\nLet me add them. " + "Wait, let me check the carry again. " * 3000  # ~100k characters
     rows[0].update(completion=loop[:100_000], finish_reason="length")  # cut inside the loop
     rows[1].update(completion="", finish_reason="stop")  # a failed request: counted as empty, not in the shares
