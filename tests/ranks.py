@@ -1,20 +1,15 @@
 """Run a Python script as N torch.distributed ranks (separate processes, gloo on localhost) and collect what each
 prints after ``RESULT`` (JSON). Shared by the data-parallel and sequence-parallel tests.
 
-The ranks are forked from a server that has imported verl (ssopd_verl.cpu.fork_server, owned by this pytest
-process): ~15 s of imports per rank saved; each rank is still a process of its own with its own environment."""
+The ranks are forked from a server that has imported verl (tests/forked.py): ~15 s of imports per rank saved;
+each rank is still a process of its own with its own environment."""
 
 import json
 import os
 import socket
 import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-from ssopd_verl.cpu import fork_client
-
-FORK_DIR = Path(tempfile.gettempdir()) / f"ssopd-test-fork-{os.getpid()}"
+import forked
 
 
 def free_port() -> int:
@@ -27,17 +22,15 @@ def run_ranks(script: str, args_per_rank: list[list[str]], timeout: float = 600)
     """Start one process per entry of ``args_per_rank`` (world size = its length); each must print
     ``RESULT <json>``. Raises with the rank's stderr if one fails; a rank out of step hangs until ``timeout``."""
     port, world = free_port(), len(args_per_rank)
-    FORK_DIR.mkdir(exist_ok=True)
-    script_path = FORK_DIR / f"rank_script_{port}.py"
+    script_path = forked.FORK_DIR / f"rank_script_{port}.py"
     script_path.write_text(script)
     procs = []
     for rank, args in enumerate(args_per_rank):
-        env = {**os.environ, "VERL_PLATFORM": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
-               fork_client.DIR_ENV: str(FORK_DIR), fork_client.OWNER_ENV: str(os.getpid())}  # fmt: skip
-        command = [sys.executable, "-S", "-E", fork_client.__file__, str(script_path), *args]
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = forked.environment({**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                                  "LOCAL_WORLD_SIZE": str(world)})  # fmt: skip
+        procs.append(subprocess.Popen(forked.command(str(script_path), *args), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]
     finally:

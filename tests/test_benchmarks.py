@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 
+import forked
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def run(script, *args, tmp_path):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(forked.command(os.path.join(BENCH, script), *args, "--json", str(out)),
+                          env=forked.environment(), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

@@ -1,7 +1,8 @@
 """ssopd_verl.cpu.fork_server / fork_client: a process forked from a server that has imported verl behaves as the
 process the client stands for (arguments, environment, directory, streams, exit status, signals, lifetime).
 
-One server serves this module and tests/ranks.py's ranks (owned by this pytest process: it ends with it)."""
+One server serves this module and the other forked test processes (tests/forked.py; owned by this pytest process,
+it ends with it)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ranks import FORK_DIR
+import forked
 from ssopd_verl.cpu import fork_client
 
 CLIENT = Path(fork_client.__file__)
@@ -24,28 +25,26 @@ print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "flavour": os.environ.ge
 print("to stderr", file=sys.stderr, flush=True)
 if sys.argv[1] == "sleep":
     time.sleep(600)
-sys.exit(int(sys.argv[2]))
+sys.exit(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
 """
 
 
 @pytest.fixture(scope="module")
-def forked(tmp_path_factory):
+def start_forked(tmp_path_factory):
     root = tmp_path_factory.mktemp("fork")
-    FORK_DIR.mkdir(exist_ok=True)
     script = root / "worker.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, fork_client.DIR_ENV: str(FORK_DIR), fork_client.OWNER_ENV: str(os.getpid()),
-           "OMP_NUM_THREADS": "1", "VERL_PLATFORM": "cpu", "FLAVOUR": "umami"}  # fmt: skip
+    env = forked.environment({**os.environ, "FLAVOUR": "umami"})
 
     def start(*args, cwd=root):
-        return subprocess.Popen([sys.executable, "-S", "-E", str(CLIENT), str(script), *args], env=env, cwd=cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return subprocess.Popen(forked.command(str(script), *args), env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     return start
 
 
-def test_worker_gets_arguments_environment_directory_streams_and_exit_status(forked, tmp_path):
-    client = forked("exit", "3", cwd=tmp_path)
+def test_worker_gets_arguments_environment_directory_streams_and_exit_status(start_forked, tmp_path):
+    client = start_forked("exit", "3", cwd=tmp_path)
     out, err = client.communicate(timeout=300)
     assert client.returncode == 3, err
     seen = json.loads(out)
@@ -66,20 +65,33 @@ def _wait_gone(pid: int, timeout_s: float = 30.0) -> bool:
     return False
 
 
-def test_signals_reach_the_worker_and_its_status_comes_back(forked):
-    client = forked("sleep", "0")
+def test_an_exit_message_is_printed_and_exits_with_one_as_python_does(start_forked):
+    client = start_forked("exit", "refusing to start: a message")
+    _, err = client.communicate(timeout=300)
+    assert client.returncode == 1 and "refusing to start: a message" in err
+
+
+def test_signals_reach_the_worker_and_its_status_comes_back(start_forked):
+    client = start_forked("sleep", "0")
     pid = json.loads(client.stdout.readline())["pid"]
     client.send_signal(signal.SIGTERM)
     assert client.wait(timeout=30) == 128 + signal.SIGTERM
     assert _wait_gone(pid)
 
 
-def test_worker_ends_when_its_client_is_killed(forked):
-    client = forked("sleep", "0")
+def test_worker_ends_when_its_client_is_killed(start_forked):
+    client = start_forked("sleep", "0")
     pid = json.loads(client.stdout.readline())["pid"]
     client.kill()  # what Ray does to a worker it gives up on: no signal to forward
     client.wait(timeout=30)
     assert _wait_gone(pid)
+
+
+def test_a_module_runs_as_with_python_dash_m(tmp_path):
+    proc = subprocess.run(forked.command("-m", "json.tool", "--sort-keys"), input='{"b": 1, "a": 2}',
+                          env=forked.environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.index('"a"') < proc.stdout.index('"b"')
 
 
 def test_without_a_server_directory_the_process_runs_unforked(tmp_path):

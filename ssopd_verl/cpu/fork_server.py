@@ -80,9 +80,11 @@ def _become_worker(request: dict, fds: list[int], conn: socket.socket) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    script, *args = request["argv"]
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    argv = request["argv"]
+    module = argv[1] if argv[0] == "-m" else None  # `python -m module args` as well as `python script args`
+    sys.argv = [module, *argv[2:]] if module else list(argv)
+    # what `python` puts first on sys.path: the script's directory, or the working directory for -m
+    sys.path[0] = os.getcwd() if module else os.path.dirname(os.path.abspath(argv[0]))
     # `python -u` (Ray starts its workers unbuffered): text streams straight onto the new fds 1 and 2
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True)
@@ -99,7 +101,10 @@ def _become_worker(request: dict, fds: list[int], conn: socket.socket) -> None:
 
     faulthandler.enable()  # a crash in native code leaves its Python stack in the worker's log
     threading.Thread(target=exit_with_client, daemon=True, name="fork-client-watch").start()
-    runpy.run_path(script, run_name="__main__")
+    if module:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(argv[0], run_name="__main__")
     sys.exit(0)
 
 
@@ -143,18 +148,29 @@ def serve(address: str) -> None:
                 _become_worker(request, fds, conn)
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-                sys.stdout.flush(), sys.stderr.flush()
+                if not isinstance(done.code, (int, type(None))):  # as the interpreter does: the message to stderr
+                    print(done.code, file=sys.stderr)
+                _flush()
                 os._exit(code)
             except BaseException:  # noqa: BLE001 - the worker's own traceback goes to its stderr
                 import traceback
 
                 traceback.print_exc()
-                sys.stderr.flush()
+                _flush()
                 os._exit(1)
         for fd in fds:
             os.close(fd)
         conn.sendall(f"{pid}\n".encode())
         clients[pid] = conn
+
+
+def _flush() -> None:
+    """What the worker wrote, out before ``os._exit`` (a script may have closed its streams itself)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (ValueError, OSError):
+            pass
 
 
 def _alive(pid: int) -> bool:
