@@ -10,6 +10,7 @@ from math import comb
 from pathlib import Path
 
 import numpy as np
+import forked
 import pytest
 
 from ssopd_verl.evaluation import runner
@@ -85,9 +86,9 @@ def tiny_model(tmp_path_factory):
 
 
 def _cli(out, model, *extra):
-    cmd = [sys.executable, str(EVALUATE), "--model", str(model), "--out", str(out), "--backend", "transformers"]
+    cmd = forked.command(str(EVALUATE), "--model", str(model), "--out", str(out), "--backend", "transformers")
     cmd += ["--benchmarks", ",".join(BENCHES), "--limit", "2", "--n", "2", "--max-new-tokens", "8", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=forked.environment(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
