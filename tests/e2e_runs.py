@@ -1,6 +1,8 @@
 """The real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
 
-In this order (E alongside, V first so that no other engine's lines can reach its log):
+In two chains side by side (this process: V, A, C, B, S and two launch scripts; a second process with its own Ray
+instance: E, then the other seven), so that both cores have work once the other tests are done; V first in its chain, so that no
+other engine's lines can reach its log:
 
 * V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
   2 steps, a checkpoint at step 2.
@@ -18,7 +20,7 @@ In this order (E alongside, V first so that no other engine's lines can reach it
   teacher, a distillation horizon), with dynamic batching that counts the teacher tokens: a process of its own
   (the runner starts its own Ray, with its own tracker folder), started alongside the others.
 
-All runs but E go through ``main_ppo`` in this one process with one Ray instance
+All runs but E go through ``main_ppo`` in their chain's process with one Ray instance
 (:func:`ssopd_verl.glue.in_process.main_ppo`: Hydra's composition and start-up callbacks, verl's ``run_ppo``, fresh
 actors per run): a run spends ~30 s importing verl and starting Ray, once here. Every run's Ray workers are forked
 from a process that has imported verl (:func:`forked_workers`, ``ssopd_verl.cpu.fork_server``): a launch script's
@@ -132,6 +134,7 @@ def run_in_process(root: Path, name: str, overrides: list[str]) -> None:
         tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
         (root / "failed").mkdir(exist_ok=True)
         (root / "failed" / f"{name}.txt").write_text(f"{traceback.format_exc()}\n--- log tail ---\n{tail}")
+    (root / f"{name}.done").touch()
     print(f"{name}: {'FAILED' if failure(root, name) else 'ok'}", flush=True)
 
 
@@ -164,16 +167,36 @@ def finish_experiment(root: Path, proc: subprocess.Popen) -> None:
         (root / "failed").mkdir(exist_ok=True)
         tail = (root / "e.log").read_text(errors="replace")[-6000:]
         (root / "failed" / "e.txt").write_text(f"scripts/experiment_cpu.py exited {code}\n--- log tail ---\n{tail}")
+    (root / "e.done").touch()
     print(f"e: {'FAILED' if code else 'ok'}", flush=True)
 
 
-def run_all(root: Path) -> None:
+def prepare_process() -> None:
     from ssopd_verl.tiny_default import build_tiny_default
 
     os.environ.pop("VERL_PLATFORM", None)  # the +platform=cpu overlay selects it (in Ray's runtime env)
     os.environ.update(GRADING_ENV)
     build_tiny_default()  # cached after the first time; under the cache's file lock
-    experiment = start_experiment(root)  # alongside the next runs: its start-up overlaps theirs
+
+
+# The chains' shares of the launch scripts: about the same time each (idle: V, A, C, B, S ~5.5 min; E ~2 min;
+# a launch script ~40 s)
+FIRST_CHAIN_SCRIPTS, SECOND_CHAIN_SCRIPTS = LAUNCH_SCRIPTS[7:], LAUNCH_SCRIPTS[:7]
+
+
+def run_second_chain(root: Path) -> None:
+    """E, then seven of the launch scripts (in this process, with its own Ray instance)."""
+    prepare_process()
+    finish_experiment(root, start_experiment(root))
+    for name in SECOND_CHAIN_SCRIPTS:
+        run_in_process(root, name, launch_script_overrides(root, name))
+
+
+def run_all(root: Path) -> None:
+    """Two chains side by side, so that both cores have work once the other tests are done: this process runs V,
+    A, C, B, S and two launch scripts; a second process (its own Ray instance) runs E and the other seven."""
+    prepare_process()
+    second = subprocess.Popen([sys.executable, __file__, str(root), "--second-chain"])
     # V first: its log must hold vLLM's lines and no other engine's (a run's last forwarded lines can reach the
     # next run's log)
     run_in_process(root, "v", main_job(root, "v", "actor_rollout_ref.rollout.name=vllm",
@@ -192,13 +215,20 @@ def run_all(root: Path) -> None:
         run_in_process(root, name, main_job(root, name, "trainer.total_training_steps=1", "trainer.save_freq=-1",
                        "trainer.test_freq=-1", "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0",
                        *TWO_RANKS, *extra))  # fmt: skip
-    finish_experiment(root, experiment)
-    for name in LAUNCH_SCRIPTS:
+    for name in FIRST_CHAIN_SCRIPTS:
         run_in_process(root, name, launch_script_overrides(root, name))
+    code = second.wait()
+    for name in ["e", *LAUNCH_SCRIPTS]:  # a run the second process never reported (it died) fails its test
+        if code != 0 and failure(root, name) is None and not (root / f"{name}.done").exists():
+            (root / "failed").mkdir(exist_ok=True)
+            (root / "failed" / f"{name}.txt").write_text(f"the second chain's process exited with {code}")
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # whatever a run writes relative to its working directory stays with the runs
-    run_all(out.resolve())
+    if sys.argv[2:] == ["--second-chain"]:
+        run_second_chain(out.resolve())
+    else:
+        run_all(out.resolve())
