@@ -176,6 +176,9 @@ def prepare_process() -> None:
 
     os.environ.pop("VERL_PLATFORM", None)  # the +platform=cpu overlay selects it (in Ray's runtime env)
     os.environ.update(GRADING_ENV)
+    # Ray lowers its workers' priority to nice 15 (RAY_worker_niceness): beside the other tests (nice 0) the runs
+    # would get the cores only when those tests leave them idle, and end long after them
+    os.environ.setdefault("RAY_worker_niceness", "0")
     build_tiny_default()  # cached after the first time; under the cache's file lock
 
 
