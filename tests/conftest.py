@@ -28,6 +28,8 @@ def pytest_collection_modifyitems(config, items):
     needs = [item for item in items if item.path.name in TINY_DEFAULT_MODULES]
     if not needs:
         return
+    # the end-to-end tests last of all: they wait for the background runs, which the other tests overlap
+    needs.sort(key=lambda item: item.path.name == E2E_MODULE)
     items[:] = [item for item in items if item.path.name not in TINY_DEFAULT_MODULES] + needs
     if any(item.path.name == E2E_MODULE for item in needs) and not os.environ.get("SSOPD_E2E_ROOT"):
         root = Path(tempfile.mkdtemp(prefix="ssopd-e2e-"))
