@@ -11,9 +11,10 @@ environment, working directory and standard streams here, and this server forks 
 that runs is unchanged; only the imports are inherited instead of repeated.
 
 What a forked worker shares with the server is what the server imported with *its* environment: modules that read
-an environment variable at import time see the server's value. :func:`start` therefore takes the environment the
-job's workers get (the CPU overlay's ``VERL_PLATFORM=cpu``, ``OMP_NUM_THREADS=1``, verl's own runtime
-environment); per-worker variables (ranks, Ray's addresses) are read at run time, from the client's environment.
+an environment variable at import time see the server's value. The server is therefore started by the first worker
+of its Ray instance, with that worker's environment (the job's: the CPU overlay's ``VERL_PLATFORM=cpu``,
+``OMP_NUM_THREADS=1``, Ray's job id and raylet pid), and keyed by those values (``fork_client.server_address``);
+per-worker variables (ranks, Ray's addresses) are read at run time, from the client's environment.
 The server holds no thread when it forks (checked: a fork with threads running is refused).
 
 For CPU runs only (tests, the study): a GPU worker must initialise CUDA in its own process.
@@ -114,9 +115,10 @@ def serve(address: str) -> None:
     the process named by $SSOPD_FORK_OWNER_PID."""
     owner = owner_pid()
     preload()
-    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    tasks = {int(t): Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")}
+    threads = list(tasks.values())
     # jemalloc's background thread (a library's allocator) is fork-safe: jemalloc's own fork handlers
-    others = [name for name in threads[1:] if name != "jemalloc_bg_thd"]
+    others = [name for tid, name in tasks.items() if tid != os.getpid() and name != "jemalloc_bg_thd"]
     if threading.active_count() != 1 or others:
         raise SystemExit(f"fork server: threads are running after the imports ({threads}): refusing to fork")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
