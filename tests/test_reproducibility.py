@@ -77,3 +77,47 @@ def test_in_process_selects_the_cpu_platform_from_the_overrides_as_the_command_l
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["cpu", "cpu"]
+
+
+FAILED_RAY_START = '''
+import json, subprocess, sys
+import psutil, ray
+from ssopd_verl.glue import in_process
+
+# one of Ray's own processes as a failed start leaves them (matched by its script's path), and a child that is not;
+# neither holds this process's output open
+sleep = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+fake_agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "/x/ray/_private/agent.py"], **sleep)
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], **sleep)
+try:
+    try:
+        in_process.main_ppo(["+recipe=ssopd", "+platform=cpu", "+tiny=default",
+                             "++ray_kwargs.ray_init.object_store_memory=1"])
+    except ValueError as error:
+        print("refused:", error)
+    names = [c.name() for c in psutil.Process().children(recursive=True) if c.pid != other.pid]
+    print(json.dumps({"initialized": ray.is_initialized(), "children": names, "agent": fake_agent.poll(),
+                      "other": other.poll()}))
+finally:
+    other.kill(), fake_agent.kill()
+'''
+
+
+def test_in_process_ends_what_a_failed_ray_start_left_and_starts_no_other_ray(tmp_path):
+    """A ray.init that fails (here: a refused object-store size, after Ray has spawned its GCS) leaves this process
+    without Ray: nothing may then start a default instance (Ray's state API auto-initialises; before, the run's
+    clean-up did, and every later run of the process used that instance: 0 GPUs, 'Total available GPUs 0'), and the
+    failed start's processes are ended. A refused argument is not retried."""
+    import json
+    import subprocess
+
+    from tests import forked
+
+    (tmp_path / "start.py").write_text(FAILED_RAY_START)
+    out = subprocess.run(forked.command(str(tmp_path / "start.py")), env=forked.environment(), capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: Attempting to cap object store memory" in out.stdout and "starting it again" not in out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["initialized"] is False and result["children"] == []
+    assert result["agent"] is not None and result["other"] is None  # Ray's process ended, the other one left alone

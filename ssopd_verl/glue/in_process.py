@@ -13,6 +13,8 @@ runs, from a process that may have run others:
    before verl's trainer is imported (:func:`prepare`).
    ``run_ppo`` calls ``ray.init`` only when Ray is not initialised, so the first run's ``ray_kwargs.ray_init``
    holds for the process; a later run whose ``ray_kwargs`` differ is refused rather than run with the first's.
+   A ``ray.init`` that gives up (it waits a fixed 30 s for its raylet, which a loaded machine can exceed) is tried
+   again, up to :data:`RAY_START_ATTEMPTS` times, after ending the processes it left.
 
 Every run gets fresh Ray actors (TaskRunner, workers, rollout server, TransferQueue): nothing but the Ray
 instance is shared. Each run's Hydra job (``hydra.job.env_set``, output directory, log files) is not reproduced:
@@ -96,13 +98,61 @@ def main_ppo(overrides: Sequence[str]) -> None:
             )
     else:
         _RAY_KWARGS = ray_kwargs
-    runner = _KeepHandle(TaskRunnerV1)
-    try:
-        run_ppo(config, task_runner_class=runner)
-    finally:
-        if runner.handle is not None:  # ends its workers too (they are its children); Ray would, some time later
-            ray.kill(runner.handle)
-        wait_for_run_gone()
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        runner = _KeepHandle(TaskRunnerV1)
+        try:
+            run_ppo(config, task_runner_class=runner)
+            return
+        except Exception as error:
+            # run_ppo's only step before the TaskRunner is ray.init: Ray not initialised after it raised = Ray did
+            # not start. What the attempt spawned is ended either way; a start that gave up is tried again (on a
+            # loaded machine ray.init gives up after a fixed 30 s wait for its raylet), a refused argument is not.
+            if ray.is_initialized():
+                raise
+            left = end_processes_of_failed_ray_start()
+            if isinstance(error, (ValueError, TypeError)) or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(f"Ray did not start ({error}); ended what the attempt left ({left} processes) and starting it again "
+                  f"(attempt {attempt + 1} of {RAY_START_ATTEMPTS})", file=sys.stderr, flush=True)
+        finally:
+            if runner.handle is not None:  # ends its workers too (they are its children); Ray would, some time later
+                ray.kill(runner.handle)
+            if ray.is_initialized():  # never a call that would start a Ray instance (Ray's auto-init): see below
+                wait_for_run_gone()
+
+
+RAY_START_ATTEMPTS = 3
+
+# What a local ray.init spawns (besides the workers, which are the raylet's children): the GCS and raylet
+# binaries and Ray's own Python processes (reaper, log monitor, dashboard and its agents, runtime-env agent)
+_RAY_PROCESS_NAMES = ("gcs_server", "raylet")
+_RAY_SCRIPT_MARKERS = ("/ray/_private/", "/ray/dashboard/", "/ray/autoscaler/")
+
+
+def end_processes_of_failed_ray_start() -> int:
+    """Kill the Ray processes a failed ``ray.init`` of this process left (its GCS, raylet, agents and their children):
+    ``ray.shutdown()`` cannot, since the failed start never became this process's Ray node. Called only while Ray is
+    not initialised here, so that every Ray process among this process's children is one of them. Returns how many
+    processes it ended."""
+    import psutil
+
+    def is_ray(process: "psutil.Process") -> bool:
+        try:
+            return process.name() in _RAY_PROCESS_NAMES or any(
+                marker in arg for arg in process.cmdline() for marker in _RAY_SCRIPT_MARKERS)
+        except psutil.Error:
+            return False
+
+    doomed = []
+    for child in psutil.Process().children():
+        if is_ray(child):
+            with contextlib.suppress(psutil.Error):
+                doomed += [child, *child.children(recursive=True)]
+    for process in doomed:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(doomed, timeout=30)
+    return len(doomed)
 
 
 class _KeepHandle:
@@ -121,7 +171,10 @@ def wait_for_run_gone(timeout_s: float = 120.0) -> None:
     TaskRunner that created them (their names are the same in every run, so the next run's creation fails):
     remove them, which ends the actors placed in them; then wait until no named actor (the rollout server,
     TransferQueue's) is left and every CPU and GPU resource is free again (every actor of the run has ended), since
-    Ray ends them asynchronously and two runs' processes side by side can exhaust the memory."""
+    Ray ends them asynchronously and two runs' processes side by side can exhaust the memory.
+
+    Only while Ray is initialised: Ray's state API starts a default Ray instance when it is not (no GPUs, not this
+    process's ray_kwargs), which every later run of the process would then find and use."""
     import time
 
     import ray
