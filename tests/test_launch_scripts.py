@@ -203,6 +203,7 @@ SMOKE_SUBSTITUTES = {
     "data.train_files": "${ssopd_tiny:train_file}",
     "data.val_files": "${ssopd_tiny:val_file}",
     "data.val_max_samples": 8,
+    "actor_rollout_ref.rollout.val_kwargs.n": 1,
     "actor_rollout_ref.rollout.name": "hf",
     "trainer.n_gpus_per_node": 2,
     "trainer.nnodes": 1,

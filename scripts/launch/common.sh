@@ -37,7 +37,7 @@
 #                       platform, fp32, the transformers rollout `hf` instead of vLLM); GPUs -> 2 CPU ranks on
 #                       1 node; sizes scaled down (batch 4 prompts x 8, mini-batch 1 prompt: the same 4 updates
 #                       per step; prompt 64 + response 48 tokens; the token budget PPO_MAX_TOKEN_LEN in the same
-#                       ratio to prompt + response as the script's; DISTILL_TOKENS 16; 8 validation problems);
+#                       ratio to prompt + response as the script's; DISTILL_TOKENS 16; 8 validation problems, VAL_N 1);
 #                       1 training step, no checkpoint, no in-training validation besides the one before training.
 #                     Any knob set in the environment still wins.
 #
@@ -75,7 +75,7 @@ if [[ "${CPU_SMOKE:-0}" == "1" ]]; then
     : "${MODEL_PATH:=\${ssopd_tiny:model_path\}}" "${TRAIN_FILES:=\${ssopd_tiny:train_file\}}"
     : "${VAL_FILES:=\${ssopd_tiny:val_file\}}" "${N_GPUS_PER_NODE:=2}" "${TRAIN_BATCH_SIZE:=4}"
     : "${PPO_MINI_BATCH_SIZE:=1}" "${MAX_PROMPT_LENGTH:=64}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=1}"
-    : "${SAVE_FREQ:=-1}" "${TEST_FREQ:=-1}" "${DISTILL_TOKENS:=16}" "${ROLLOUT_NAME:=hf}"
+    : "${SAVE_FREQ:=-1}" "${TEST_FREQ:=-1}" "${DISTILL_TOKENS:=16}" "${ROLLOUT_NAME:=hf}" "${VAL_N:=1}"
     smoke_args=(+platform=cpu data.val_max_samples=8)
 fi
 

@@ -38,7 +38,10 @@ from ssopd_verl.cpu.fork_client import DIR_ENV, owner_pid
 
 # What every worker of a CPU run imports, in the order the plugin needs (verl first: it loads our plugin)
 PRELOAD = ("ray", "torch", "transformers", "verl", "verl.single_controller.ray.base", "verl.workers.engine_workers",
-           "verl.experimental.agent_loop", "verl.experimental.reward_loop", "transfer_queue")  # fmt: skip
+           "verl.experimental.agent_loop", "verl.experimental.reward_loop", "transfer_queue",
+           # imported later by every worker (profiled with py-spy, a launch script's run): Ray's serializers on the
+           # first deserialisation, torch's dynamo on the first forward (torch._disable_dynamo), FSDP's checkpoint
+           "pydantic.v1", "torch._dynamo", "torch.distributed.checkpoint", "ray.dag")  # fmt: skip
 
 
 def py_executable() -> str:
@@ -46,11 +49,16 @@ def py_executable() -> str:
     return f"{sys.executable} -S -E {Path(__file__).with_name('fork_client.py')}"
 
 
-def preload(modules=PRELOAD) -> None:
+def preload() -> None:
     import importlib
 
-    for name in modules:
+    for name in PRELOAD:
         importlib.import_module(name)
+    # verl's get_hf_auto_model_class looks the model's config up in this mapping, which imports every
+    # image-text-to-text model's configuration on first use (~1.4 s in each trainer rank)
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText._model_mapping.keys()
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
