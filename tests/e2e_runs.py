@@ -182,8 +182,8 @@ def prepare_process() -> None:
     build_tiny_default()  # cached after the first time; under the cache's file lock
 
 
-# The chains' shares of the launch scripts: about the same time each (idle: V, A, C, B, S ~5.5 min; E ~2 min;
-# a launch script ~40 s)
+# The chains' shares of the launch scripts: about the same time each (both chains side by side on an idle 2-core
+# machine: V, A, C, B, S 5.3 min, E 2.2 min, a launch script ~20-35 s; the chains ended 30 s apart)
 FIRST_CHAIN_SCRIPTS, SECOND_CHAIN_SCRIPTS = LAUNCH_SCRIPTS[7:], LAUNCH_SCRIPTS[:7]
 
 
