@@ -87,8 +87,9 @@ from ssopd_verl.glue import in_process
 # one of Ray's own processes as a failed start leaves them (matched by its script's path), and a child that is not;
 # neither holds this process's output open
 sleep = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-fake_agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "/x/ray/_private/agent.py"], **sleep)
-other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], **sleep)
+nap = [sys.executable, "-c", "import time; time.sleep(300)"]
+fake_agent = subprocess.Popen([*nap, "/x/ray/_private/agent.py"], **sleep)
+other = subprocess.Popen(nap, **sleep)
 try:
     try:
         in_process.main_ppo(["+recipe=ssopd", "+platform=cpu", "+tiny=default",
@@ -114,8 +115,8 @@ def test_in_process_ends_what_a_failed_ray_start_left_and_starts_no_other_ray(tm
     from tests import forked
 
     (tmp_path / "start.py").write_text(FAILED_RAY_START)
-    out = subprocess.run(forked.command(str(tmp_path / "start.py")), env=forked.environment(), capture_output=True, text=True,
-                         cwd=tmp_path, timeout=600)
+    out = subprocess.run(forked.command(str(tmp_path / "start.py")), env=forked.environment(), capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused: Attempting to cap object store memory" in out.stdout and "starting it again" not in out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -124,11 +124,11 @@ def serve(address: str) -> None:
     owner = owner_pid()
     preload()
     tasks = {int(t): Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")}
-    threads = list(tasks.values())
     # jemalloc's background thread (a library's allocator) is fork-safe: jemalloc's own fork handlers
     others = [name for tid, name in tasks.items() if tid != os.getpid() and name != "jemalloc_bg_thd"]
     if threading.active_count() != 1 or others:
-        raise SystemExit(f"fork server: threads are running after the imports ({threads}): refusing to fork")
+        raise SystemExit(
+            f"fork server: threads are running after the imports ({list(tasks.values())}): refusing to fork")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(address):
         os.unlink(address)
