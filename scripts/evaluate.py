@@ -4,7 +4,8 @@
 Defaults are the paper's evaluation settings (as in OPSD): thinking on, n = 12 samples per problem, temperature 1.0,
 top-p 1.0 (pass --top-p 0.95 for the reported setup, SSOPD_SPEC.md 1b), up to 38,912 new tokens, the last \\boxed{} graded with math-verify.
 
-  # GPU (vLLM), a Hugging Face model or a verl checkpoint (merged to HF automatically):
+  # GPU (vLLM), a Hugging Face model or a verl checkpoint (merged to HF automatically; a LoRA actor's adapters merged
+  # into the base weights: run_config.json and summary.md record what was loaded and its weights' sha256):
   python scripts/evaluate.py --model Qwen/Qwen3-8B --out evals/qwen3_8b_base
   python scripts/evaluate.py --model checkpoints/ssopd/qwen3_8b_ssopd/global_step_300 --out evals/qwen3_8b_ssopd
   python scripts/evaluate.py --model Qwen/Qwen3-8B --label "Qwen3-8B base" --out evals/qwen3_8b_base
@@ -24,18 +25,21 @@ from pathlib import Path
 
 from ssopd_verl.evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS
 from ssopd_verl.evaluation.benchmarks import resolve as resolve_benchmark
+from ssopd_verl.evaluation.checkpoint import UnrecognisedModel
 from ssopd_verl.evaluation.generate import SamplingSettings, make_backend
 from ssopd_verl.evaluation.runner import EvalConfig, run
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model path or hub id, or a verl FSDP checkpoint dir")
+    p.add_argument("--model", required=True, help="HF model path or hub id, or a verl FSDP checkpoint dir "
+                   "(global_step_N; LoRA adapters are merged); any other layout is refused")
     p.add_argument("--out", required=True, help="output dir (per-sample JSONL, summary.json, summary.md)")
     p.add_argument(
         "--benchmarks",
         default=",".join(PAPER_BENCHMARKS),
-        help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to {{problem,answer}} .jsonl files",
+        help=f"comma-separated: {', '.join(BENCHMARKS)}, paths to {{problem,answer}} .jsonl files, or verl RL "
+        ".parquet files (e.g. a run's data.val_files: the trainer's own prompts)",
     )
     p.add_argument("--n", type=int, default=12, help="samples per problem (paper: 12)")
     p.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
@@ -132,7 +136,10 @@ def main(argv=None):
             device=args.device,
         )
 
-    run(cfg, backend, regrade_only=args.regrade)
+    try:
+        run(cfg, backend, regrade_only=args.regrade)
+    except UnrecognisedModel as e:  # one line, nothing evaluated
+        raise SystemExit(f"evaluate.py: error: {e}") from None
 
 
 if __name__ == "__main__":  # also required by math-verify's spawn pool

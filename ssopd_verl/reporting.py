@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ssopd_verl.evaluation.benchmarks import PAPER_BENCHMARKS
+from ssopd_verl.evaluation.checkpoint import describe_evaluated
 
 COLUMN_TITLES = {"aime24": "AIME24", "aime25": "AIME25", "hmmt25_feb": "HMMT25", "amc23": "AMC23", "math500": "MATH500"}
 
@@ -67,7 +68,7 @@ def table_rows(
     rows = []
     for label, summary in summaries:
         label = label or summary.get("run", {}).get("label") or "run"
-        row = {"run": label, "k": None}
+        row = {"run": label, "k": None, "evaluated": summary.get("run", {}).get("evaluated")}
         values = []
         for bench in benchmarks:
             entry = summary["benchmarks"].get(bench)
@@ -117,7 +118,10 @@ def markdown_table(
         for label, value in PAPER_MACRO_AVG12.items():
             lines.append(f"| {label} | " + " | ".join("–" for _ in benchmarks) + f" | {value:.1f} |")
     note = f"{metric} in %, 95% bootstrap CI over problems in brackets" if ci else f"{metric} in %"
-    return f"{note}.\n\n" + "\n".join(lines) + "\n"
+    # what each row's evaluation loaded (scripts/evaluate.py records it): the step, merged adapters, the weights' hash
+    evaluated = [f"- {row['run']}: {describe_evaluated(row['evaluated'])}" for row in rows if row.get("evaluated")]
+    footer = "\n\nEvaluated:\n\n" + "\n".join(evaluated) if evaluated else ""
+    return f"{note}.\n\n" + "\n".join(lines) + footer + "\n"
 
 
 def csv_table(rows: list[dict], benchmarks: Sequence[str] = PAPER_BENCHMARKS) -> str:

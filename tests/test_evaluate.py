@@ -220,19 +220,6 @@ def test_resume_refuses_other_sampling_settings(first_run, tiny_model):
         runner.run(cfg, lambda _path: None, log=lambda *_: None)
 
 
-def test_verl_checkpoint_is_merged_with_verls_model_merger(tmp_path, monkeypatch):
-    ckpt = tmp_path / "global_step_5"
-    (ckpt / "actor").mkdir(parents=True)
-    (ckpt / "actor" / "fsdp_config.json").write_text('{"world_size": 8}')
-    calls = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    merged = runner.resolve_model(str(ckpt), tmp_path / "out")
-    assert merged == str(tmp_path / "out" / "merged_hf_model")
-    assert calls[0][1:] == ["-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
-                            str(ckpt / "actor"), "--target_dir", merged]
-    assert runner.resolve_model("Qwen/Qwen3-8B", tmp_path) == "Qwen/Qwen3-8B"
-
-
 def test_cli_help():
     proc = subprocess.run([sys.executable, str(EVALUATE), "--help"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0

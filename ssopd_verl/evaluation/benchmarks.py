@@ -2,6 +2,10 @@
 
 ``ssopd_verl/data/eval/<name>.jsonl``: one ``{"problem", "answer"}`` a line, the boxed-answer instruction already
 appended to the problem. They ship inside the package so evaluation works offline.
+
+A verl RL parquet file (``prompt`` chat messages, ``reward_model.ground_truth``; e.g. a run's ``data.val_files``) is
+a benchmark too: its rows' messages are used as they are, so that ``scripts/evaluate.py`` scores a checkpoint on
+exactly the prompts the trainer's validation used.
 """
 
 from __future__ import annotations
@@ -37,21 +41,45 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
     if name in BENCHMARKS:
         return name, eval_data_dir() / f"{BENCHMARKS[name]}.jsonl"
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".jsonl" and path.exists():
+    if path.suffix in (".jsonl", ".parquet") and path.exists():
         return path.stem, path
-    raise ValueError(f"unknown benchmark {name_or_path!r}: use one of {sorted(BENCHMARKS)} or a .jsonl path")
+    raise ValueError(
+        f"unknown benchmark {name_or_path!r}: use one of {sorted(BENCHMARKS)}, a .jsonl path or a verl .parquet path"
+    )
 
 
 def load_benchmark(name_or_path: str, limit: Optional[int] = None) -> tuple[str, list[dict]]:
-    """(name, problems) where each problem is ``{"problem": str, "answer": str}``; ``limit`` keeps the first ones."""
+    """(name, problems) where each problem is ``{"problem": str, "answer": str}`` (from a verl parquet file also
+    ``"messages"``, the row's chat messages); ``limit`` keeps the first ones."""
     name, path = resolve(name_or_path)
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                problems.append({"problem": row["problem"], "answer": str(row["answer"])})
+    if path.suffix == ".parquet":
+        problems = _parquet_problems(path)
+    else:
+        problems = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    problems.append({"problem": row["problem"], "answer": str(row["answer"])})
     return name, problems[:limit] if limit else problems
+
+
+def _parquet_problems(path: Path) -> list[dict]:
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    missing = {"prompt", "reward_model"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: not a verl RL parquet file (no column {sorted(missing)})")
+    problems = []
+    for i, (prompt, reward) in enumerate(zip(frame["prompt"], frame["reward_model"])):
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(prompt)]
+        if not messages or not isinstance(reward, dict) or reward.get("ground_truth") is None:
+            raise ValueError(f"{path}: row {i} has no chat messages or no reward_model.ground_truth")
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        problems.append({"problem": user[-1] if user else messages[-1]["content"], "messages": messages,
+                         "answer": str(reward["ground_truth"])})  # fmt: skip
+    return problems
 
 
 def with_instruction(problem: str) -> str:

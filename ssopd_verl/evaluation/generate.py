@@ -33,10 +33,12 @@ class Completion:
     num_tokens: int
 
 
-def build_prompt(tokenizer, problem: str, enable_thinking: bool = True) -> str:
-    """The user turn with the problem, the assistant header, thinking on (Qwen3's chat template)."""
+def build_prompt(tokenizer, problem: str | list[dict], enable_thinking: bool = True) -> str:
+    """The user turn with the problem (or the given chat messages, as a verl parquet row holds them), the
+    assistant header, thinking on (Qwen3's chat template)."""
+    messages = problem if isinstance(problem, list) else [{"role": "user", "content": problem}]
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem}],
+        messages,
         tokenize=False,
         add_generation_prompt=True,
         enable_thinking=enable_thinking,

@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Callable, Iterable, Optional
 
 from ssopd_verl.degeneration import degeneration_summary
 from ssopd_verl.evaluation import benchmarks as bm
+from ssopd_verl.evaluation.checkpoint import describe_evaluated, resolve_model
 from ssopd_verl.evaluation.generate import Request, SamplingSettings, build_prompt
 from ssopd_verl.evaluation.grading import grade
 from ssopd_verl.evaluation.metrics import summarize
@@ -103,6 +102,10 @@ def check_run_config(out: Path, config: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), config.get(k)) for k in RUN_KEYS if old.get(k) != config.get(k)}
+        # the weights loaded (recorded since the evaluated-model record exists; older folders are compared by path)
+        old_hash, new_hash = (c.get("evaluated", {}).get("weights_sha256") for c in (old, config))
+        if "evaluated" in old and old_hash != new_hash:
+            diff["weights_sha256"] = (old_hash, new_hash)
         if diff:
             raise SystemExit(
                 f"{out} holds samples drawn with other settings {diff} (old, new): use another --out, or the same "
@@ -110,21 +113,6 @@ def check_run_config(out: Path, config: dict) -> None:
             )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def resolve_model(model: str, out: Path) -> str:
-    """An HF model path/id as is; a verl FSDP checkpoint (``global_step_N`` or its ``actor/``) merged to HF first."""
-    path = Path(model).expanduser()
-    actor = path / "actor" if (path / "actor" / "fsdp_config.json").exists() else path
-    if not (actor / "fsdp_config.json").exists():
-        return model
-    target = out / "merged_hf_model"
-    if not (target / "config.json").exists():
-        cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp"]
-        cmd += ["--local_dir", str(actor), "--target_dir", str(target)]
-        print("merging the verl checkpoint:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    return str(target)
 
 
 def generate_missing(cfg: EvalConfig, backend, log: Callable[[str], None] = print) -> dict[str, int]:
@@ -151,7 +139,9 @@ def generate_missing(cfg: EvalConfig, backend, log: Callable[[str], None] = prin
         requests = []
         for name, p, s in chunk:
             if (name, p) not in prompts:
-                prompts[name, p] = build_prompt(backend.tokenizer, problems_of[name][p]["problem"], cfg.enable_thinking)
+                problem = problems_of[name][p]
+                prompts[name, p] = build_prompt(backend.tokenizer, problem.get("messages", problem["problem"]),
+                                                cfg.enable_thinking)
             requests.append(Request(prompts[name, p], sample_seed(cfg.seed, name, p, s)))
         t0 = time.time()
         completions = backend.generate(requests, cfg.sampling)
@@ -254,6 +244,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         f"# {run.get('label', 'evaluation')}",
         "",
+        f"evaluated: {describe_evaluated(run['evaluated'])}" if run.get("evaluated") else "",
+        "",
         f"model `{run.get('model')}`, n = {n}, temperature {run.get('temperature')}, top-p {run.get('top_p')}, "
         f"max new tokens {run.get('max_new_tokens')}, thinking {'on' if run.get('enable_thinking') else 'off'}; "
         f"{100 * summary['ci_level']:.0f}% bootstrap CIs over problems ({summary['n_boot']} resamples).",
@@ -285,11 +277,14 @@ def run(cfg: EvalConfig, backend_factory: Callable[[str], object], regrade_only:
         changed = regrade(out, log)
         log(f"regrade: {changed} scores changed")
     else:
-        config = cfg.run_config()
+        # Resolved before anything is drawn: a resumed run must load the same weights (their hash is a run key).
+        evaluated = resolve_model(cfg.model, out, log)
+        config = {**cfg.run_config(), "evaluated": evaluated.as_dict()}
         check_run_config(out, config)
+        log(f"evaluating {describe_evaluated(evaluated)}")
         missing = _count_missing(cfg)
         if missing:
-            backend = backend_factory(resolve_model(cfg.model, out))
+            backend = backend_factory(evaluated.path)
             generate_missing(cfg, backend, log)
         else:
             log("all samples already saved: nothing to generate")

@@ -15,8 +15,8 @@ with `trainer.v1.trainer_mode=ssopd`. The step is verl's, in verl's order
   rows get weight 0.
 * `_update_actor`: verl's, then the worker's `actor/ssopd/*` metrics are reported as `ssopd/*`; every
   `ssopd.token_view_every` steps it asks the worker for a token view (`ssopd_verl.token_view`) and prints its path.
-* `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher` and its share of
-  `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
+* `_compute_metrics`: verl's, plus the teacher's cost (`timing_s/ssopd_teacher`, the step's total over its
+  mini-batches, and its share of `timing_s/update_actor`) and one compact console line per step (`ssopd_verl.console`).
 * `_init_resource_pool_mgr`: the actor role runs `SSOPDActorRolloutRefWorker` instead of verl's worker.
 * `_compute_advantage` first refuses a batch that lost completions (`check_complete_rollout`): verl pads over
   failed rollout requests and trains on; a dead rollout engine must stop the run instead.
@@ -159,7 +159,8 @@ class SSOPDTrainer(PPOTrainerSync):
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
-        # The worker sums the teacher forward + loss time over its micro-batches (rank 0's, like verl's timings).
+        # The teacher forward + loss time of the whole update: summed over micro-batches by the loss and over
+        # mini-batches by the worker (step_values); the mean over data-parallel ranks (verl's aggregate_dp).
         teacher = metrics.pop("ssopd/teacher_time_s", None)
         if teacher is not None:
             metrics["timing_s/ssopd_teacher"] = float(teacher)

@@ -3,7 +3,9 @@
 Two small overrides, both through verl's public surface:
 * `init_model`: after verl builds the actor, wrap its `ppo_loss` in `SSOPDActorLoss` and install it with
   `set_loss_fn` (the loss needs the engine for the teacher forward).
-* `update_actor`: with dynamic batching, lower the batch's `max_token_len_per_gpu` so that the teacher tokens count
+* `update_actor`: reduce the `ssopd/*` metrics over the step's mini-batches itself (`step_values`): verl's
+  `reduce_metrics` picks max / min / mean by a key's *name* ("...argmax..." is a max), so the sums behind the
+  per-position means and the teacher time must reach it as one value each. With dynamic batching, lower the batch's `max_token_len_per_gpu` so that the teacher tokens count
   in the budget (`student_token_budget`, `ssopd.teacher_in_token_budget`); mark the micro-batches with
   `distillation_use_topk=True`, the flag on which verl's FSDP engine calls the loss as a logits processor
   (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not see it. With lambda = 0 the flag stays
@@ -26,7 +28,14 @@ from verl.plugin.platform import get_platform
 from verl.utils.device import get_device_name
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.actor_loss import TOKEN_VIEW_PATH, SSOPDActorLoss, mark_for_distillation, teacher_tokens
+from ssopd_verl.glue.actor_loss import (
+    COUNT,
+    SUM_PREFIX,
+    TOKEN_VIEW_PATH,
+    SSOPDActorLoss,
+    mark_for_distillation,
+    teacher_tokens,
+)
 from ssopd_verl.glue.teacher_forward import student_token_budget
 from ssopd_verl.token_view import write_token_view
 
@@ -68,6 +77,8 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
                                           device=get_device_name())  # fmt: skip
             tu.assign_non_tensor(data, max_token_len_per_gpu=budget)
         output = super().update_actor(data)
+        if output is not None:  # the rank that returns the metrics (one value per mini-batch for each key)
+            tu.assign_non_tensor(output, metrics=step_values(tu.get(output, "metrics")))
         records, self.loss_fn.view_records = self.loss_fn.view_records, []
         if records:  # kept on rank 0 only
             tokenizer = self.actor.model_config.tokenizer
@@ -76,6 +87,33 @@ class SSOPDActorRolloutRefWorker(ActorRolloutRefWorker):
             write_token_view(tu.get_non_tensor_data(data, TOKEN_VIEW_PATH, None), records, tokenizer,
                              scale=_token_view_scale(self.ssopd))  # fmt: skip
         return output
+
+
+# How each worker-level `ssopd/*` metric combines over the mini-batches (and ppo_epochs passes) of one update:
+# verl averages them, except that a name containing "max" / "min" gets np.max / np.min (reduce_metrics).
+STEP_MEAN = ("ssopd/distill_loss",)  # like verl's actor/pg_loss: the mean of the mini-batches' losses
+STEP_MAX = ("ssopd/micro_batch_tokens_max",)  # the largest micro-batch of the step
+STEP_SUM = ("ssopd/teacher_time_s", "ssopd/teacher_nonfinite", COUNT)  # step totals (and every SUM_PREFIX key)
+
+
+def step_values(metrics: dict) -> dict:
+    """The step's value of every ``ssopd/*`` key, as a one-element list (which any of verl's name-based reductions
+    leaves as it is): sums for totals (the per-position sums and their count, the teacher time, non-finite teacher
+    positions), the max for the micro-batch size, the mean for the loss. Other keys are verl's, left alone. An
+    ``ssopd/*`` key this table does not know is an error, not a guess."""
+    for key, values in metrics.items():
+        if not key.startswith("ssopd/"):
+            continue
+        values = [float(v) for v in (values if isinstance(values, list) else [values])]
+        if key in STEP_MEAN:
+            metrics[key] = [sum(values) / len(values)]
+        elif key in STEP_MAX:
+            metrics[key] = [max(values)]
+        elif key in STEP_SUM or key.startswith(SUM_PREFIX):
+            metrics[key] = [sum(values)]
+        else:
+            raise KeyError(f"{key}: how it combines over mini-batches is not set (ssopd_verl.glue.worker.step_values)")
+    return metrics
 
 
 def _token_view_scale(ssopd: SSOPDConfig) -> float:
