@@ -110,6 +110,10 @@ def test_script_composes_with_the_expected_values(composed, name):
     assert cfg["trainer"]["logger"] == ["console", "file"]
     assert cfg["trainer"]["experiment_name"] == name
     assert cfg["ray_kwargs"]["ray_init"]["runtime_env"]["env_vars"]["VERL_FILE_LOGGER_ROOT"] == "/logs/x"
+    # CKPT_ROOT unset: the launch directory's checkpoints/, absolute (test_output_folders_are_absolute)
+    checkpoints = cfg["trainer"]["default_local_dir"]
+    assert checkpoints.startswith("/")
+    assert checkpoints.endswith("/checkpoints/${trainer.project_name}/${trainer.experiment_name}")
     # the recipe block is there (not the silent `recipe: ssopd` of a missing search path)
     assert cfg["algorithm"]["adv_estimator"] == "ssopd"
     assert cfg["trainer"]["v1"]["trainer_mode"] == "ssopd"
@@ -187,6 +191,35 @@ def test_command_line_overrides_and_env_knobs_pass_through(composed):
 def test_the_real_dry_run_prints_what_the_in_process_compose_gives(composed):
     """`bash qwen3_4b_ssopd.sh --dry-run ...` through verl's main_ppo (and the recipe's start-up callback)."""
     assert composed["real"] == composed["passthrough"]
+
+
+def _dry_run_args(cwd, **knobs):
+    env = {k: v for k, v in os.environ.items() if k not in ("CKPT_ROOT", "LOG_DIR", "DATA_DIR", "MODEL_PATH")}
+    proc = subprocess.run(["bash", str(LAUNCH / "qwen3_8b_opsd.sh")], cwd=cwd, env={**env, **knobs, "DRY_RUN": "args"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    overrides = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return overrides, proc.stderr
+
+
+def test_output_folders_are_absolute_against_the_launch_directory(tmp_path):
+    """Ray workers open these paths, each in its own working directory (on a cluster, on another node): the script
+    makes them absolute against the directory it is run from, and prints where the outputs go."""
+    cwd = tmp_path / "run here"
+    (cwd / "models" / "mine").mkdir(parents=True)
+    folder = "${trainer.project_name}/${trainer.experiment_name}"
+    overrides, printed = _dry_run_args(cwd)  # defaults
+    assert overrides["trainer.default_local_dir"] == f"{cwd}/checkpoints/{folder}"
+    assert overrides["++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_ROOT"] == f"{cwd}/logs"
+    assert f"checkpoints: {cwd}/checkpoints/ssopd/qwen3_8b_opsd" in printed
+    assert f"metrics:     {cwd}/logs/ssopd/qwen3_8b_opsd.jsonl" in printed
+    overrides, _ = _dry_run_args(cwd, CKPT_ROOT="ck", LOG_DIR="./lg", DATA_DIR="data", MODEL_PATH="models/mine")
+    assert overrides["trainer.default_local_dir"] == f"{cwd}/ck/{folder}"
+    assert overrides["++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_ROOT"] == f"{cwd}/lg"
+    assert overrides["data.train_files"] == f"['{cwd}/data/openthoughts_math/train.parquet']"
+    assert overrides["actor_rollout_ref.model.path"] == f"{cwd}/models/mine"
+    overrides, _ = _dry_run_args(cwd, CKPT_ROOT="/shared/ck", MODEL_PATH="Qwen/Qwen3-8B")  # absolute; an HF id
+    assert overrides["trainer.default_local_dir"] == f"/shared/ck/{folder}"
+    assert overrides["actor_rollout_ref.model.path"] == "Qwen/Qwen3-8B"
 
 
 def test_variant_scripts_differ_only_in_their_method_lines():

@@ -118,6 +118,60 @@ def test_loss_aggregation_that_depends_on_the_micro_batch_split_is_refused(good)
         check_config(config_with(good, f"actor_rollout_ref.actor.loss_agg_mode={mode}"))
 
 
+@pytest.mark.parametrize("key", ["actor_rollout_ref.actor.pad_to_length",
+                                 "actor_rollout_ref.actor.fsdp_config.pad_to_length"])  # fmt: skip
+def test_static_padding_is_refused(good, key):
+    """verl's engine raises in the first update when a micro-batch asks for the logits hook with pad_to_length on
+    (FSDPEngineWithLMHead.prepare_model_inputs); fine for plain GRPO (no hook)."""
+    message = refused(good, f"{key}=true")
+    assert message.startswith(f"{key}=true:") and f"Set {key}=false" in message
+    check_config(config_with(good, f"{key}=true", "ssopd.lambda=0"))
+
+
+LORA = "actor_rollout_ref.model.lora_rank=8"
+TARGETS = "actor_rollout_ref.model.target_modules"
+
+
+@pytest.mark.parametrize("targets", ["[q_proj,v_proj,lm_head]", "lm_head", "'.*_proj|lm_head'", "'.*'"])
+def test_lora_on_the_output_layer_is_refused(good, targets):
+    """teacher_forward.lm_head_weight raises NotImplementedError on an adapted output layer (first actor update)."""
+    message = refused(good, LORA, f"{TARGETS}={targets}")
+    assert f"{TARGETS}=" in message and "output layer (lm_head)" in message and "exclude_modules" in message
+    check_config(config_with(good, LORA, f"{TARGETS}={targets}", "ssopd.lambda=0"))  # no teacher projection
+    check_config(config_with(good, f"{TARGETS}={targets}"))  # full fine-tuning: target_modules unused
+    check_config(config_with(good, LORA, f"{TARGETS}={targets}", "actor_rollout_ref.model.exclude_modules=[lm_head]"))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                                     "'.*_proj'", "[lm_head_proj]"])  # fmt: skip
+def test_lora_without_the_output_layer_passes(good, targets):
+    """all-linear is verl's default and peft leaves the output layer out of it (the LoRA engine tests use it)."""
+    check_config(config_with(good, LORA, f"{TARGETS}={targets}"))
+
+
+def test_a_loaded_lora_adapter_on_the_output_layer_is_refused(good, tmp_path):
+    import json
+
+    with_head, without = tmp_path / "with_head", tmp_path / "without"
+    for folder, targets in ((with_head, ["q_proj", "lm_head"]), (without, ["q_proj", "v_proj"])):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"target_modules": targets, "r": 8}))
+    message = refused(good, LORA, f"actor_rollout_ref.model.lora_adapter_path={with_head}")
+    assert f"lora_adapter_path={with_head}" in message and "adapter on the output layer (lm_head;" in message
+    check_config(config_with(good, LORA, f"actor_rollout_ref.model.lora_adapter_path={without}"))
+
+
+def test_verl_top_k_distillation_is_refused(good):
+    """verl's top-K distillation loss occupies the engine's logits hook too (a KeyError on its `distillation_losses`
+    output in the first update), also with ssopd.lambda=0: verl sets the hook's flag from its own config."""
+    top_k = ("distillation.enabled=true", "distillation.distillation_loss.loss_mode=forward_kl_topk")
+    for extra in ((), ("ssopd.lambda=0",)):
+        message = refused(good, *top_k, *extra)
+        assert message.startswith("distillation.enabled=true with distillation.distillation_loss.loss_mode="
+                                  "forward_kl_topk:") and "distillation.enabled=false" in message  # fmt: skip
+    check_config(config_with(good, "distillation.enabled=true"))  # verl's default k3 estimator: log-probs only
+
+
 def test_greedy_training_rollout_gets_a_warning_naming_the_key(good):
     from ssopd_verl.glue.checks import startup_warnings
 

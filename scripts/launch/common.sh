@@ -6,14 +6,17 @@
 # so any override on the command line wins (e.g. `bash qwen3_8b_ssopd.sh trainer.total_training_steps=10`).
 #
 # Knobs (environment variables; defaults in brackets):
-#   MODEL_PATH        HF id or local path                     [Qwen/Qwen3-<size>]
+#   MODEL_PATH        HF id or local path (an existing relative path is made absolute)  [Qwen/Qwen3-<size>]
 #   DATA_DIR          where scripts/prepare_data.py wrote     [~/data/ssopd]
 #   TRAIN_FILES       training parquet(s), Hydra list syntax  [$DATA_DIR/openthoughts_math/train.parquet]
 #   VAL_FILES         validation parquet(s)                   [AIME24, AIME25, HMMT25 Feb under $DATA_DIR/eval]
 #   NNODES, N_GPUS_PER_NODE                                   [per size, see below; 8]
 #   PROJECT_NAME, EXPERIMENT_NAME                             [ssopd, <script name>]
-#   CKPT_ROOT         checkpoints go to $CKPT_ROOT/<project>/<experiment>   [checkpoints]
+#   CKPT_ROOT         checkpoints go to $CKPT_ROOT/<project>/<experiment>   [$PWD/checkpoints]
 #   LOG_DIR           verl `file` logger root (JSONL of metrics for scripts/report.py)  [$PWD/logs]
+#                     DATA_DIR, CKPT_ROOT and LOG_DIR are made absolute against the directory the script is run
+#                     from ($PWD) and printed: they are written and read by Ray workers, which on a multi-node
+#                     cluster run on other machines in other working directories.
 #   LOGGER            trainer.logger                          ['console','file']
 #   TRAIN_BATCH_SIZE [128] ROLLOUT_N [8] MAX_PROMPT_LENGTH [1024] MAX_RESPONSE_LENGTH [16384] LR [1e-6]
 #   PPO_MINI_BATCH_SIZE [32] TOTAL_STEPS [300] SAVE_FREQ [50] TEST_FREQ [25] VAL_N [4]
@@ -44,7 +47,8 @@
 # Multi-node: start Ray yourself, then run the script on the head node with NNODES set; verl's `ray.init()` joins
 # the running cluster:   head:    ray start --head --port=6379
 #                        workers: ray start --address=<head-ip>:6379
-# (ssopd-verl and the data must be installed/readable on every node; LOG_DIR and CKPT_ROOT on a shared filesystem.)
+# (ssopd-verl and the data must be installed/readable on every node; LOG_DIR and CKPT_ROOT on a filesystem shared
+# by all nodes, at the same absolute path: any node may host the process that writes them.)
 # See docs/reproduction.md for the hardware estimates and why each setting has its value.
 
 set -euo pipefail
@@ -81,8 +85,13 @@ fi
 
 SCRIPT_NAME=$(basename "$0" .sh)
 PYTHON=${PYTHON:-python3}
+# A path the Ray workers open, made absolute against the directory the script is run from: a worker resolves a
+# relative path against its own working directory, which on another node of a cluster is not this one.
+absolute() { if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "$PWD/${1#./}"; fi; }
 MODEL_PATH=${MODEL_PATH:-$size_model}
-DATA_DIR=${DATA_DIR:-$HOME/data/ssopd}
+# an HF id ("Qwen/Qwen3-8B") looks like a relative path: only a local directory that exists is resolved
+if [[ -e "$MODEL_PATH" ]]; then MODEL_PATH=$(absolute "$MODEL_PATH"); fi
+DATA_DIR=$(absolute "${DATA_DIR:-$HOME/data/ssopd}")
 # One training set for all three methods, so that they differ only in the ssopd.* lines. It must carry reference
 # solutions (extra_info.solution) for the OPSD baseline; DAPO-Math-17k has none (fine for GRPO/SSOPD only).
 TRAIN_FILES=${TRAIN_FILES:-"['$DATA_DIR/openthoughts_math/train.parquet']"}
@@ -92,8 +101,8 @@ NNODES=${NNODES:-$size_nnodes}
 N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-8}
 PROJECT_NAME=${PROJECT_NAME:-ssopd}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-$SCRIPT_NAME}
-CKPT_ROOT=${CKPT_ROOT:-checkpoints}
-LOG_DIR=${LOG_DIR:-$PWD/logs}
+CKPT_ROOT=$(absolute "${CKPT_ROOT:-checkpoints}")
+LOG_DIR=$(absolute "${LOG_DIR:-logs}")
 LOGGER=${LOGGER:-"['console','file']"}
 
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}        # prompts per step
@@ -192,6 +201,10 @@ if [[ "$SETUP" == "reported" ]]; then
 fi
 
 cmd=("$PYTHON" -m verl.trainer.main_ppo "${base_args[@]}" "${setup_args[@]}" "${METHOD_ARGS[@]}" "$@")
+# where the outputs go, on stderr (DRY_RUN=args prints only the overrides on stdout); an override of
+# trainer.default_local_dir or of VERL_FILE_LOGGER_ROOT on the command line wins over these
+echo "checkpoints: $CKPT_ROOT/$PROJECT_NAME/$EXPERIMENT_NAME" >&2
+echo "metrics:     $LOG_DIR/$PROJECT_NAME/$EXPERIMENT_NAME.jsonl" >&2
 if [[ "${DRY_RUN:-0}" == "args" ]]; then
     printf '%s\n' "${cmd[@]:3}"
     exit 0

@@ -38,6 +38,11 @@ ULYSSES_KEYS = (
     "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",  # verl 0.9.1's key
     "actor_rollout_ref.actor.ulysses_sequence_parallel_size",  # deprecated; verl copies it into fsdp_config later
 )
+PAD_TO_LENGTH_KEYS = (
+    "actor_rollout_ref.actor.pad_to_length",  # verl copies it into fsdp_config (an interpolation)
+    "actor_rollout_ref.actor.fsdp_config.pad_to_length",  # what the engine reads
+)
+OUTPUT_LAYER = "lm_head"  # the output layer's module name in Qwen3 (and every model verl's recipes train)
 CPU_ULYSSES_ATTENTION = "ulysses_sdpa"  # ssopd_verl.cpu.attention.NAME (glue does not import the CPU runtime)
 # Rows of each training file read for witness_source=reference_solution.
 SOLUTION_ROWS = 8
@@ -74,8 +79,11 @@ def check_config(config, *, warn: bool = True) -> SSOPDConfig:
     _check_loss_aggregation(config)
     _check_strategy(config)
     _check_ulysses(config)
+    _check_verl_distillation(config)
     if ssopd.enabled:
         _check_teacher(config, ssopd)
+        _check_static_padding(config)
+        _check_lora_output_layer(config)
     if config.actor_rollout_ref.get("ssopd", None) is None:
         raise ValueError("actor_rollout_ref.ssopd is missing: the recipe overlay sets it to ${ssopd}")
     _check_teacher_length(config, ssopd, warn=warn)
@@ -162,6 +170,87 @@ def _check_ulysses(config) -> None:
             f"{sp_key}={size} on CPU needs {key}={CPU_ULYSSES_ATTENTION} (got {attention}): verl's Ulysses "
             f"all-to-alls are in its flash-attention patch, and CPU has no flash-attention"
         )
+
+
+def _check_verl_distillation(config) -> None:
+    """verl's own distillation from an external teacher (`distillation.enabled`) with a top-K loss computes that loss
+    in the engine's logits hook, the hook SSOPD's loss occupies: verl's loss then reads top-K outputs that the SSOPD
+    hook never produced (a KeyError on `distillation_losses` in the first actor update; lambda=0 included, since
+    verl sets the hook's flag from its own config). Its single-sample estimator losses (k1, k3, ...) read only the
+    log-probs and are not refused."""
+    if not OmegaConf.select(config, "distillation.enabled", default=False):
+        return
+    key = "distillation.distillation_loss.loss_mode"
+    mode = OmegaConf.select(config, key, default=None)
+    from verl.trainer.distillation.losses import get_distillation_loss_settings
+
+    if get_distillation_loss_settings(mode).use_topk:
+        raise ValueError(
+            f"distillation.enabled=true with {key}={mode}: verl computes its top-K distillation loss in the engine's "
+            f"logits hook, where SSOPD's self-teacher loss runs: the first actor update fails. Set "
+            f"distillation.enabled=false (SSOPD's teacher is set with ssopd.teacher), or a single-sample estimator "
+            f"{key} (e.g. k3)."
+        )
+
+
+def _check_static_padding(config) -> None:
+    """verl's engine raises in the first update's `prepare_model_inputs` when a micro-batch asks for the logits hook
+    (`distillation_use_topk`) and `pad_to_length` is on: the hook's per-position outputs follow the unpadded
+    packed layout."""
+    for key in PAD_TO_LENGTH_KEYS:
+        if OmegaConf.select(config, key, default=False):
+            raise ValueError(
+                f"{key}=true: verl's FSDP engine refuses static padding of packed micro-batches when a loss reads "
+                f"the logits through its hook, as SSOPD's does (RuntimeError in the first actor update, after a "
+                f"full rollout). Set {key}=false (verl's default), or ssopd.lambda=0 for plain GRPO."
+            )
+
+
+def _check_lora_output_layer(config) -> None:
+    """The teacher is projected with the lm_head weight (`teacher_forward.lm_head_weight`): a LoRA adapter on the
+    output layer would change the student's projection but not the teacher's, so it raises NotImplementedError in
+    the first actor update (tied embeddings, as Qwen3-1.7B/4B; with untied ones, as Qwen3-8B, verl's FSDP2 wrapping
+    of the adapted layer already fails when the actor is built, on CPU: torch's `fully_shard` class swap). peft's
+    `all-linear` leaves the output layer out; a list or a regex may name it."""
+    model = config.actor_rollout_ref.model
+    if (model.get("lora_rank", 0) or 0) <= 0:
+        return
+    key = "actor_rollout_ref.model.target_modules"
+    targets = plain(model.get("target_modules", None))
+    excluded = plain(model.get("exclude_modules", None))
+    if _peft_targets(targets, OUTPUT_LAYER) and not _peft_targets(excluded, OUTPUT_LAYER):
+        raise ValueError(
+            f"{key}={targets} puts a LoRA adapter on the output layer ({OUTPUT_LAYER}): SSOPD projects the teacher "
+            f"with the output layer's base weight, so the first actor update fails. Leave {OUTPUT_LAYER} out of "
+            f"{key} (all-linear, verl's default, leaves it out) or add it to actor_rollout_ref.model.exclude_modules."
+        )
+    adapter = model.get("lora_adapter_path", None)
+    manifest = os.path.join(os.path.expanduser(str(adapter)), "adapter_config.json") if adapter else None
+    if manifest and os.path.isfile(manifest):  # a local adapter: verl loads it with the target modules it was made with
+        import json
+
+        with open(manifest) as handle:
+            saved = json.load(handle)
+        if _peft_targets(saved.get("target_modules"), OUTPUT_LAYER) and not _peft_targets(
+                saved.get("exclude_modules"), OUTPUT_LAYER):  # fmt: skip
+            raise ValueError(
+                f"actor_rollout_ref.model.lora_adapter_path={adapter} was trained with an adapter on the output "
+                f"layer ({OUTPUT_LAYER}; target_modules {saved.get('target_modules')} in {manifest}): SSOPD projects "
+                f"the teacher with the output layer's base weight, so the first actor update fails. Use an adapter "
+                f"without one on {OUTPUT_LAYER}, or merge it into the base model (actor_rollout_ref.model.path)."
+            )
+
+
+def _peft_targets(modules, name: str) -> bool:
+    """Whether peft's `target_modules` / `exclude_modules` value selects the top-level module `name`, by peft's own
+    rule (`check_target_module_exists`): a string is a regex matched against the whole module name, except
+    `all-linear` (every linear layer but the output layer); a list names a module by its name or a dotted suffix of
+    it, which for a top-level module is the name itself."""
+    if not modules:
+        return False
+    if isinstance(modules, str):
+        return modules != "all-linear" and re.fullmatch(modules, name) is not None
+    return name in [str(module) for module in modules]
 
 
 def _check_loss_aggregation(config) -> None:
