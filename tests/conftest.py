@@ -31,6 +31,9 @@ def pytest_collection_modifyitems(config, items):
     # the end-to-end tests last of all: they wait for the background runs, which the other tests overlap
     needs.sort(key=lambda item: item.path.name == E2E_MODULE)
     items[:] = [item for item in items if item.path.name not in TINY_DEFAULT_MODULES] + needs
+    # listing or planning the tests (tests/check_isolation.py) runs nothing: no background work to start
+    if config.option.collectonly or config.option.setupplan:
+        return
     if any(item.path.name == E2E_MODULE for item in needs) and not os.environ.get("SSOPD_E2E_ROOT"):
         root = Path(tempfile.mkdtemp(prefix="ssopd-e2e-"))
         command = [sys.executable, str(Path(__file__).with_name("e2e_runs.py")), str(root)]

