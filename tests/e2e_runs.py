@@ -1,8 +1,8 @@
 """The real runs behind tests/test_e2e_cpu.py, as one command: ``python tests/e2e_runs.py ROOT``.
 
-In two chains side by side (this process: V, A, C, B, S and two launch scripts; a second process with its own Ray
-instance: E, then the other seven), so that both cores have work once the other tests are done; V first in its chain, so that no
-other engine's lines can reach its log:
+In two chains side by side (this process: V, A, C, B, S, two launch scripts and the kit; a second process with its
+own Ray instance: E, the other seven launch scripts, M1 and M4), so that both cores have work once the other tests
+are done; V first in its chain, so that no other engine's lines can reach its log:
 
 * V, the main job with verl's vLLM rollout (``actor_rollout_ref.rollout.name=vllm``, vLLM's CPU wheel): validation,
   2 steps, a checkpoint at step 2.
@@ -16,6 +16,15 @@ other engine's lines can reach its log:
   and a distillation horizon (SETUP=reported), parameter and optimizer offload on the 8B scripts. Each script
   composes its overrides itself (``DRY_RUN=args``: the exact argument list it would ``exec`` main_ppo with);
   they are run as written.
+* M1 and M4, the main job's step 1 at learning rate 0 with one and with four mini-batches (ppo_mini_batch_size 8
+  and 2 prompts): the policy cannot move inside the step, so every ``ssopd/*`` and ``degeneration/*`` metric must
+  read the same.
+* The kit (K): two shrunk launch scripts that train 2 steps and save, with greedy validation on all 128
+  validation problems: ``kit_lora`` (SETUP=reported: LoRA, the initial teacher, a distillation horizon; two ranks)
+  and ``kit_full`` (SETUP=full: full fine-tuning, the live teacher; one rank). Each final checkpoint is then
+  evaluated by ``scripts/evaluate.py`` (vLLM backend, greedy, on the validation parquet: the trainer's own prompts)
+  into ``ROOT/kit/<run>-eval``, and ``scripts/report.py`` builds the table and curves of both into
+  ``ROOT/kit/report``.
 * E, the experiment command (``scripts/experiment_cpu.py``) at 2 steps for ``ssopd-initial`` (LoRA, initial
   teacher, a distillation horizon), with dynamic batching that counts the teacher tokens: a process of its own
   (the runner starts its own Ray, with its own tracker folder), started alongside the others.
@@ -23,7 +32,7 @@ other engine's lines can reach its log:
 All runs but E go through ``main_ppo`` in their chain's process with one Ray instance
 (:func:`ssopd_verl.glue.in_process.main_ppo`: Hydra's composition and start-up callbacks, verl's ``run_ppo``, fresh
 actors per run): a run spends ~30 s importing verl and starting Ray, once here. Every run's Ray workers are forked
-from a process that has imported verl (:func:`forked_workers`, ``ssopd_verl.cpu.fork_server``): a launch script's
+from a process that has imported verl (:func:`forked_workers`, ``tests/fork_server.py``): a launch script's
 run takes ~35 s instead of ~2 minutes, ~15 s of imports saved on each of its ~10 actors. They therefore
 share ``ray_kwargs`` (:data:`SHARED`: two logical GPUs, so that the two-rank runs fit; the file tracker's root).
 
@@ -63,9 +72,9 @@ GRADING_ENV = {"SSOPD_GRADING_TIMEOUT_S": "600", "SSOPD_GRADING_WORKERS": "1"}
 
 
 def forked_workers(root: Path) -> list[str]:
-    """Ray workers forked from a process that has imported verl (ssopd_verl.cpu.fork_server): a run's ~10 actors
+    """Ray workers forked from a process that has imported verl (tests/fork_server.py): a run's ~10 actors
     start in ~1 s each instead of ~15 s of imports; the code they run is the same."""
-    from ssopd_verl.cpu.fork_server import runtime_env_overrides
+    from fork_client import runtime_env_overrides
 
     return runtime_env_overrides(root / "fork")
 
@@ -86,13 +95,84 @@ def main_job(root: Path, name: str, *overrides: str) -> list[str]:
             *overrides, *shared_ray_kwargs(root)]  # fmt: skip
 
 
-def launch_script_overrides(root: Path, name: str) -> list[str]:
-    """The Hydra overrides one of the nine launch scripts runs main_ppo with, shrunk for CPU (CPU_SMOKE=1)."""
+def launch_script_overrides(root: Path, name: str, knobs: dict | None = None, extra: tuple = ()) -> list[str]:
+    """The Hydra overrides one of the nine launch scripts runs main_ppo with, shrunk for CPU (CPU_SMOKE=1), with
+    ``knobs`` in its environment and ``extra`` overrides after its own (as a user's command-line arguments)."""
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
     env.update(CPU_SMOKE="1", DRY_RUN="args", LOG_DIR=str(root / "logs"), CKPT_ROOT=str(root / "launch"))
-    proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh")], env=env, capture_output=True, text=True, check=True)
+    env.update(knobs or {})
+    proc = subprocess.run(["bash", str(LAUNCH / f"{name}.sh"), *extra], env=env, capture_output=True, text=True,
+                          check=True)  # fmt: skip
     overrides = proc.stdout.splitlines()
     return [*overrides, "ray_kwargs.ray_init.num_gpus=2", *forked_workers(root)]
+
+
+def kit_checkpoint(root: Path, run: str) -> Path:
+    return root / "launch" / LAUNCH_PROJECT / run / f"global_step_{KIT_STEPS}"
+
+
+def run_kit(root: Path) -> None:
+    """K: train and save (each kit run), evaluate each checkpoint with evaluate.py (vLLM, greedy, the validation
+    parquet), then report.py over both; a failure is written down under the run's or step's name."""
+    from ssopd_verl.tiny_default import build_tiny_default
+
+    val_file = build_tiny_default().val_file
+    for run, (script, knobs) in KIT_RUNS.items():
+        knobs = {**KIT_ENV, **knobs, "EXPERIMENT_NAME": run}
+        run_in_process(root, run, launch_script_overrides(root, script, knobs, KIT_OVERRIDES))
+    evals = []
+    for run in KIT_RUNS:
+        out = root / "kit" / f"{run}-eval"
+        evals.append(f"{run}={out}")
+        if failure(root, run) is not None:
+            continue
+        run_command(root, f"{run}-eval", [
+            sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(kit_checkpoint(root, run)),
+            "--benchmarks", val_file, "--n", "1", "--temperature", "0", "--max-new-tokens", str(KIT_MAX_NEW_TOKENS),
+            "--backend", "vllm", "--dtype", "float32", "--out", str(out), "--n-boot", "200"])  # fmt: skip
+    trackers = [f"{run}={root / 'logs' / LAUNCH_PROJECT / f'{run}.jsonl'}" for run in KIT_RUNS]
+    run_command(root, "kit-report", [sys.executable, str(REPO / "scripts" / "report.py"), "--out",
+                                     str(root / "kit" / "report"), "--benchmarks", Path(val_file).stem,
+                                     "--eval", *evals, "--tracker", *trackers])  # fmt: skip
+
+
+def run_command(root: Path, name: str, command: list[str]) -> None:
+    """A command of the kit, its output in ROOT/<name>.log; a non-zero exit is written down as the name's failure."""
+    log = root / f"{name}.log"
+    with open(log, "w") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=root).returncode
+    if code != 0:
+        (root / "failed").mkdir(exist_ok=True)
+        tail = log.read_text(errors="replace")[-6000:]
+        (root / "failed" / f"{name}.txt").write_text(f"{' '.join(command)}\nexited {code}\n--- log tail ---\n{tail}")
+    (root / f"{name}.done").touch()
+    print(f"{name}: {'FAILED' if code else 'ok'}", flush=True)
+
+
+def run_mini_batch_pair(root: Path) -> None:
+    """M1 and M4: step 1 of the main job at learning rate 0, one mini-batch and four."""
+    for name, prompts in MINI_BATCH_RUNS.items():
+        run_in_process(root, name, main_job(root, name, "trainer.total_training_steps=1", "trainer.save_freq=-1",
+                       "trainer.test_freq=-1", "trainer.val_before_train=false", "actor_rollout_ref.rollout.seed=0",
+                       "actor_rollout_ref.actor.optim.lr=0", f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
+                       "ssopd.token_view_every=0"))  # fmt: skip
+
+
+# The kit runs: (launch script, its knobs); the rest of KIT_ENV and KIT_OVERRIDES apply to both. The learning rates
+# are high enough to move the tiny default's greedy validation by many problems in 2 steps (the test needs a
+# trained checkpoint that scores unlike the base model).
+KIT_RUNS = {
+    "kit_lora": ("qwen3_1.7b_ssopd", {"SETUP": "reported", "LR": "1e-2"}),
+    "kit_full": ("qwen3_1.7b_ssopd", {"SETUP": "full", "LR": "2e-3", "N_GPUS_PER_NODE": "1"}),
+}
+KIT_STEPS = 2
+KIT_ENV = {"TOTAL_STEPS": str(KIT_STEPS), "SAVE_FREQ": str(KIT_STEPS), "TEST_FREQ": str(KIT_STEPS), "VAL_N": "1"}
+# greedy validation on every validation problem: one score per checkpoint, comparable with evaluate.py's
+KIT_OVERRIDES = ("data.val_max_samples=-1", "actor_rollout_ref.rollout.val_kwargs.do_sample=False",
+                 "actor_rollout_ref.rollout.val_kwargs.temperature=0",
+                 "actor_rollout_ref.rollout.val_kwargs.top_p=1.0")  # fmt: skip
+KIT_MAX_NEW_TOKENS = 48  # CPU_SMOKE's MAX_RESPONSE_LENGTH
+MINI_BATCH_RUNS = {"m1": 8, "m4": 2}  # run -> ppo_mini_batch_size (prompts) on the main job's 8 prompts
 
 
 def tracker(path: Path) -> dict[int, dict]:
@@ -116,7 +196,7 @@ def metrics(root: Path, name: str) -> dict[int, dict]:
         raise AssertionError(f"run {name} failed:\n{error}")
     if name == "e":
         return tracker(root / EXPERIMENT_TRACKER)
-    project = LAUNCH_PROJECT if name in LAUNCH_SCRIPTS else PROJECT
+    project = LAUNCH_PROJECT if name in LAUNCH_SCRIPTS or name in KIT_RUNS else PROJECT
     return tracker(root / "logs" / project / f"{name}.jsonl")
 
 
@@ -188,16 +268,18 @@ FIRST_CHAIN_SCRIPTS, SECOND_CHAIN_SCRIPTS = LAUNCH_SCRIPTS[7:], LAUNCH_SCRIPTS[:
 
 
 def run_second_chain(root: Path) -> None:
-    """E, then seven of the launch scripts (in this process, with its own Ray instance)."""
+    """E, seven of the launch scripts, M1 and M4 (in this process, with its own Ray instance)."""
     prepare_process()
     finish_experiment(root, start_experiment(root))
     for name in SECOND_CHAIN_SCRIPTS:
         run_in_process(root, name, launch_script_overrides(root, name))
+    run_mini_batch_pair(root)
 
 
 def run_all(root: Path) -> None:
     """Two chains side by side, so that both cores have work once the other tests are done: this process runs V,
-    A, C, B, S and two launch scripts; a second process (its own Ray instance) runs E and the other seven."""
+    A, C, B, S, two launch scripts and the kit; a second process (its own Ray instance) runs E, the other seven
+    launch scripts, M1 and M4."""
     prepare_process()
     second = subprocess.Popen([sys.executable, __file__, str(root), "--second-chain"])
     # V first: its log must hold vLLM's lines and no other engine's (a run's last forwarded lines can reach the
@@ -220,8 +302,9 @@ def run_all(root: Path) -> None:
                        *TWO_RANKS, *extra))  # fmt: skip
     for name in FIRST_CHAIN_SCRIPTS:
         run_in_process(root, name, launch_script_overrides(root, name))
+    run_kit(root)
     code = second.wait()
-    for name in ["e", *LAUNCH_SCRIPTS]:  # a run the second process never reported (it died) fails its test
+    for name in ["e", *LAUNCH_SCRIPTS, *MINI_BATCH_RUNS]:  # a run the second process never reported (it died) fails its test
         if code != 0 and failure(root, name) is None and not (root / f"{name}.done").exists():
             (root / "failed").mkdir(exist_ok=True)
             (root / "failed" / f"{name}.txt").write_text(f"the second chain's process exited with {code}")
@@ -233,5 +316,10 @@ if __name__ == "__main__":
     os.chdir(out)  # whatever a run writes relative to its working directory stays with the runs
     if sys.argv[2:] == ["--second-chain"]:
         run_second_chain(out.resolve())
+    elif sys.argv[2:3] == ["--only"]:  # e.g. --only kit,mini: those groups alone, in this process (debugging)
+        prepare_process()
+        groups = {"kit": run_kit, "mini": run_mini_batch_pair}
+        for group in sys.argv[3].split(","):
+            groups[group](out.resolve())
     else:
         run_all(out.resolve())

@@ -27,6 +27,7 @@ work of several checks:
   step-1 update (vLLM's log-probs equal the actor's recomputed ones).
 """
 
+import json
 import math
 import os
 import re
@@ -235,3 +236,82 @@ def test_vllm_rollout_run_trains_validates_checkpoints_and_samples_with_the_sync
     log = runs.log("v")
     assert "vLLMHttpServer" in log and "HFRolloutServer" not in log  # vLLM served the run; no other engine did
     assert (root / "v" / "checkpoints" / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").exists()
+
+
+# The per-step ssopd/* keys that hold an average over the step (every other ssopd/* key is a count, a share, a
+# mean or a total of the step, which the mini-batch split must not change). distill_loss is verl's
+# mean-over-mini-batches of each mini-batch's `sum_g w L_g / G` (as actor/pg_loss): the same at learning rate 0
+# too, since each mini-batch's G is its own prompt count.
+TIMINGS = ("timing_s/ssopd_teacher", "ssopd/teacher_time_share")
+
+
+def test_every_ssopd_and_degeneration_metric_is_the_same_with_one_and_four_mini_batches(runs):
+    """M1 and M4: the main job's step 1 at learning rate 0 with 1 and 4 mini-batches. The policy cannot move inside
+    the step, so each ssopd/* and degeneration/* metric is a property of the step's samples and the fixed policy,
+    whatever the split (before: teacher_argmax_differs 0.054 vs 0.118, teacher time 1/4; verl's reduce_metrics
+    took the max of every key with "max" in its name and averaged the per-mini-batch teacher times)."""
+    one, four = runs["m1"][1], runs["m4"][1]
+    keys = sorted(k for k in one if k.startswith(("ssopd/", "degeneration/")) and k not in TIMINGS)
+    assert {"ssopd/teacher_argmax_differs", "ssopd/teacher_argmax_reversed", "ssopd/kl_unclipped",
+            "ssopd/micro_batch_tokens_max", "degeneration/repetition_loop_frac"} <= set(keys)  # fmt: skip
+    assert keys == sorted(k for k in four if k.startswith(("ssopd/", "degeneration/")) and k not in TIMINGS)
+    assert one["ssopd/pairs"] >= 1 and one["ssopd/distilled_tokens"] > 0  # not vacuous
+    for key in keys:  # micro_batch_tokens_max too: 16-row micro-batches either way (ppo_micro_batch_size_per_gpu)
+        assert math.isclose(four[key], one[key], rel_tol=1e-5, abs_tol=1e-7), (key, one[key], four[key])
+    # the teacher's time is the step's total, not a mini-batch's: a share of the update, of the same order in both
+    for step in (one, four):
+        assert 0 < step["ssopd/teacher_time_share"] <= 1
+        assert step["timing_s/ssopd_teacher"] == pytest.approx(step["ssopd/teacher_time_share"]
+                                                               * step["timing_s/update_actor"])  # fmt: skip
+    assert four["timing_s/ssopd_teacher"] > 0.5 * one["timing_s/ssopd_teacher"]  # summed, not averaged (1/4)
+
+
+def kit_validation(runs, run: str) -> tuple[float, float]:
+    """The kit run's greedy validation accuracy before training and at its last step (the saved checkpoint)."""
+    steps = runs[run]
+    (before,) = validation(steps[0]).values()
+    (after,) = validation(steps[e2e_runs.KIT_STEPS]).values()
+    return before, after
+
+
+@pytest.mark.parametrize("run", list(e2e_runs.KIT_RUNS))
+def test_evaluate_scores_the_trained_checkpoint_as_the_trainer_did(runs, run):
+    """The kit end to end: a shrunk launch script trains and saves (kit_lora: LoRA adapters, the initial teacher, a
+    distillation horizon, two ranks; kit_full: full fine-tuning, one rank); scripts/evaluate.py (vLLM, greedy, the
+    validation parquet: the trainer's prompts) scores the saved checkpoint as the trainer's own validation did,
+    within one problem, and unlike the untrained model (before: a LoRA checkpoint was evaluated as its base model)."""
+    root = runs.root
+    before, after = kit_validation(runs, run)
+    assert abs(after - before) > 4 / 128, (before, after)  # training moved the model: the check can tell them apart
+    if (root / "failed" / f"{run}-eval.txt").exists():
+        raise AssertionError((root / "failed" / f"{run}-eval.txt").read_text())
+    out = root / "kit" / f"{run}-eval"
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["benchmarks"].values()
+    assert entry["num_problems"] == 128
+    assert abs(entry["avg@1"]["value"] / 100 - after) <= 1 / 128 + 1e-9, (entry["avg@1"]["value"], after)
+    evaluated = json.loads((out / "run_config.json").read_text())["evaluated"]
+    lora = e2e_runs.KIT_RUNS[run][1]["SETUP"] == "reported"
+    ranks = 2 if lora else 1
+    assert evaluated["kind"] == "verl_fsdp" and evaluated["step"] == e2e_runs.KIT_STEPS
+    assert evaluated["world_size"] == ranks and evaluated["lora_merged"] is lora
+    assert len(evaluated["weights_sha256"]) == 64
+    if lora:
+        assert evaluated["lora"]["r"] == 64 and evaluated["lora"]["lora_alpha"] == 128  # the launch scripts' LoRA
+    md = (out / "summary.md").read_text()
+    assert f"step {e2e_runs.KIT_STEPS}, saved by {ranks} rank" in md and evaluated["weights_sha256"][:16] in md
+    assert ("LoRA adapters merged (r=64, alpha=128)" in md) is lora
+
+
+def test_report_builds_the_table_and_curves_of_the_kit(runs):
+    if (runs.root / "failed" / "kit-report.txt").exists():
+        raise AssertionError((runs.root / "failed" / "kit-report.txt").read_text())
+    report = runs.root / "kit" / "report"
+    table = (report / "results.md").read_text()
+    for run in e2e_runs.KIT_RUNS:
+        summary = json.loads((runs.root / "kit" / f"{run}-eval" / "summary.json").read_text())
+        (entry,) = summary["benchmarks"].values()
+        row = next(line for line in table.splitlines() if line.startswith(f"| {run} "))
+        assert row.count(f"{entry['avg@1']['value']:.1f} [") == 2, row  # the benchmark and the macro average
+        assert f"- {run}: " in table and summary["run"]["evaluated"]["weights_sha256"][:16] in table
+    assert (report / "results.csv").exists() and (report / "training_curves.png").stat().st_size > 10_000
