@@ -14,7 +14,10 @@ teacher's choice (the token the frozen teacher ranks first). Reported per clip m
 * ``delta_logp_teacher_choice``: mean change of that log-probability over the updates (> 0: toward the teacher);
 * ``share_down``: share of positions where it went down;
 * ``teacher_argmax_reversed`` / ``reversed_teacher_mass``: the loss's own per-position diagnostics at the first
-  update (``ssopd_verl.losses``, "Which way"), for comparison with what the updates did.
+  update (``ssopd_verl.losses``, "Which way": where a gradient step of the loss on that position's logits lowers
+  the teacher's top token's log-probability to first order while the exact forward KL's would raise it), for
+  comparison with what the updates did;
+* ``clipped_teacher_mass``: the teacher mass in clipped entries at the first update.
 
 Everything is deterministic for a fixed ``--seed`` (sampling seeded, fp32 on CPU, one process).
 """
@@ -158,10 +161,12 @@ def run_clip(clip, args, tiny, rows, plan, choices, before):
 
 def table(results: list[dict]) -> str:
     lines = ["| clip | mean change of log p(teacher's choice) | share of positions down | teacher argmax reversed "
-             "(update 1) | reversed teacher mass (update 1) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+             "(update 1) | reversed teacher mass (update 1) | clipped teacher mass (update 1) |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
         lines.append(f"| {r['clip']} | {r['delta_logp_teacher_choice']:+.4f} | {r['share_down']:.3f} | "
-                     f"{r['teacher_argmax_reversed']:.3f} | {r['reversed_teacher_mass']:.3f} |")  # fmt: skip
+                     f"{r['teacher_argmax_reversed']:.3f} | {r['reversed_teacher_mass']:.3f} | "
+                     f"{r['clipped_teacher_mass']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 

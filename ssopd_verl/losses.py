@@ -34,18 +34,33 @@ How much clipping happens is reported as the *clipped mass*, the share of the te
 in clipped entries: pointwise ``sum_v p_T[v] * 1[d[v] > tau]``; token ``1[sum_v d[v] > tau]``; none 0. (The
 share of vocabulary *entries* clipped, an earlier metric, reads ~0 for any 152k vocabulary and says nothing.)
 
-Which way the gradient points. Gradient descent moves ``z_j`` against ``dl/dz_j``. The exact forward KL moves it
-toward the teacher: up where ``p_S[j] < p_T[j]``. An entry is *reversed* when the configured loss pushes it down
-(``dl/dz_j = p_S[j] W - w[j] > 0``, ``W = sum_v w[v]``) although the exact KL pushes it up (``p_S[j] < p_T[j]``).
-Two per-position diagnostics: ``teacher_argmax_reversed`` (1.0 when the teacher's most likely token ``a`` is
-reversed, computed from ``p_S[a]``, ``p_T[a]``, ``w[a]`` and ``W``) and ``reversed_teacher_mass`` (``sum_v p_T[v]``
-over the reversed entries). Closed forms: with ``clip="none"`` and ``"token"`` nothing is ever reversed (the
-gradient is ``p_S - p_T``, or 0 on a clipped row). With ``"pointwise"`` the reversed entries are exactly the
-clipped ones, as long as ``W > 0``: a clipped entry has ``d[j] > tau > 0``, so ``p_T[j] > p_S[j]`` (the KL wants it
-up), and its gradient ``p_S[j] W`` is positive; an unclipped entry with ``p_S[j] W - p_T[j] > 0`` has
-``p_S[j] > p_T[j] / W >= p_T[j]``, so the KL wants it down too. Hence ``reversed_teacher_mass = clipped_mass *
-1[W > 0]`` there (Huang et al. 2026's result, per position). With ``topk`` both are computed over the k + 1 coarse
-entries (the tail bucket as one entry). The tests check all of it against autograd on constructed distributions.
+Which way the student moves. A gradient-descent step on the logits moves ``z`` by ``-eta g`` (``g = dl/dz``; a step
+on the unscaled logits ``s = T z`` moves ``z`` by ``-eta g / T**2``, the same direction), which changes the student's
+log-probabilities (at the loss temperature) to first order by
+
+    Delta_j = d log p_S[j] = -eta (g_j - c),   c = sum_v p_S[v] g_v     (d log p_S[j] / d z_k = delta_jk - p_S[k])
+
+The logit's own direction (the sign of ``-g_j``) does not decide it: under the softmax a logit pushed down still gains
+probability when the p_S-weighted mean logit is pushed down more (``0 < g_j < c``). With ``g = p_S W - w`` (``W =
+sum_v w[v]``), ``c = W sum_v p_S[v]**2 - sum_v p_S[v] w[v]``. The exact forward KL's step is the same with ``w = p_T``
+(``W = sum_v p_T[v]``, i.e. 1). An entry is *reversed* when the configured loss's step lowers its log-probability
+(``Delta_j < 0``, i.e. ``g_j > c``) while the exact forward KL's step would raise it (``Delta_j > 0``); both strict.
+Only that direction counts: it moves the student away from what the teacher asks for (the converse -- the loss raising
+an entry the exact KL would lower, the student overshooting -- is not counted). Two per-position diagnostics:
+``teacher_argmax_reversed`` (1.0 when the teacher's most likely token is reversed) and ``reversed_teacher_mass``
+(``sum_v p_T[v]`` over the reversed entries). It is a first-order statement about a step on the logits of this one
+position; the optimiser moves shared parameters, so the real change after an update also depends on every other
+position (scripts/clip_direction_check.py measures that). Closed forms: with ``clip="none"`` the step is the exact
+KL's, with ``"token"`` it is the exact KL's or 0 (a clipped row): nothing is ever reversed. With ``"pointwise"`` a
+clipped entry's logit is always pushed down (``g_j = p_S[j] W >= 0``) although the KL wants it up (a clipped entry has
+``d[j] > tau > 0``, so ``p_T[j] > p_S[j]``), but whether its log-probability falls depends on ``c``; unclipped entries
+can be reversed too, through ``c``. So the reversed entries are computed per entry, from ``p_S``, ``p_T``, ``w`` and
+five row sums, in the same pass as the gradient (no extra (rows, V) buffer). With ``topk`` the same is computed for
+the k + 1 coarse entries under the step on the full logits: a top-k entry's log-probability, and the tail bucket's
+log-mass ``log sum_tail p_S``, whose change is ``-(h - c)`` with ``h = sum_tail p_S[v] g_v / sum_tail p_S`` the tail's
+p_S-weighted mean gradient; the comparison step is the unclipped loss of the same approximation (so ``"token"`` and
+``"none"`` again never reverse). The tests check all of it against autograd (the directional derivative of log_softmax
+along the loss's gradient step), including positions where the logit's direction and the log-probability's disagree.
 
 A position whose teacher logits hold a NaN or +inf (or no finite entry at all) has no teacher distribution:
 its loss is 0, its gradient is 0, and it is flagged (``teacher_nonfinite``) rather than poisoning the batch.
@@ -200,8 +215,9 @@ class ForwardKLTerms(NamedTuple):
     loss: torch.Tensor  # clipped loss l (see module docstring); the only field with a gradient
     kl: torch.Tensor  # unclipped forward KL sum_v d[v] (over the k + 1 entries with topk)
     clipped_mass: torch.Tensor  # teacher probability in clipped entries (pointwise) / 1.0 if clipped (token) / 0
-    # "Which way" (module docstring): 1.0 where the loss pushes the logit of the teacher's most likely token down
-    # while the exact forward KL would push it up; the teacher probability in all entries so reversed.
+    # "Which way" (module docstring): 1.0 where the loss's gradient step on the logits lowers log p_S of the
+    # teacher's most likely token (to first order) while the exact forward KL's step would raise it; the teacher
+    # probability in all entries so reversed.
     teacher_argmax_reversed: torch.Tensor
     reversed_teacher_mass: torch.Tensor
     teacher_nonfinite: torch.Tensor  # bool: the teacher logits had a NaN or +inf, or no finite entry
@@ -351,44 +367,55 @@ def _chunk_loss(logp_t, logp_s, work, mask, tau: float, clip: str, topk: Optiona
     """Loss terms and gradient for one chunk, given both sides' log-probabilities (rows, V).
 
     Works in place: ``logp_t`` and the scratch buffers ``work`` (float, like logp_t) and ``mask`` (bool; only
-    needed by the exact pointwise clip) are consumed; ``logp_s`` is turned into the gradient dl/dz when
-    ``need_grad``. Both log-probabilities must be clamped to finite values (so that 0 * (log 0 - log 0) reads 0,
-    not NaN). ``argmax``: (rows,) the teacher's most likely entry.
+    needed by the exact pointwise clip) are consumed; ``logp_s`` is turned into the gradient dl/dz (when
+    ``need_grad``, and always with the pointwise clip, whose "Which way" reads it). Both log-probabilities must be
+    clamped to finite values (so that 0 * (log 0 - log 0) reads 0, not NaN). ``argmax``: (rows,) the teacher's
+    most likely entry.
     Returns (loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad_or_None) (module docstring, "Which way").
     """
     if topk is not None:
         return _chunk_loss_topk(logp_t, logp_s, tau, clip, topk, need_grad)
     a = argmax.unsqueeze(-1)
-    logp_t_a, logp_s_a = logp_t.gather(-1, a), logp_s.gather(-1, a)  # before the buffers are reused
     p_t = torch.exp(logp_t, out=work)
     d = logp_t.sub_(logp_s).mul_(p_t)  # d = p_T (log p_T - log p_S), in logp_t's storage
     kl = d.sum(-1)
-    if clip == "pointwise":
-        clipped = torch.gt(d, tau, out=mask)
-        loss = d.clamp_(max=tau).sum(-1)
-        # p_T on the clipped entries, written into d's storage (no longer needed). Not `p_t * clipped`: mixing
-        # dtypes would first cast the mask to a float (rows, V) copy.
-        clipped_mass = torch.where(clipped, p_t, p_t.new_zeros(()), out=d).sum(-1)
-        weights = p_t.masked_fill_(clipped, 0)  # w = p_T * m
-    else:
+    if clip != "pointwise":
         loss = kl.clamp(max=tau) if clip == "token" else kl
         clipped_mass = (kl > tau).to(kl.dtype) if clip == "token" else torch.zeros_like(kl)
         weights = p_t
         if clip == "token":  # m = 1[kl <= tau] per row
             weights.mul_((kl <= tau).unsqueeze(-1))
+        # The step is the exact KL's or 0: nothing is reversed (module docstring, "Which way").
+        argmax_reversed, reversed_mass = torch.zeros_like(kl), torch.zeros_like(kl)
+        grad = logp_s.exp_().mul_(weights.sum(-1, keepdim=True)).sub_(weights) if need_grad else None
+        return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad
+
+    clipped = torch.gt(d, tau, out=mask)
+    loss = d.clamp_(max=tau).sum(-1)
+    # p_T on the clipped entries, written into d's storage (no longer needed). Not `p_t * clipped`: mixing
+    # dtypes would first cast the mask to a float (rows, V) copy.
+    clipped_mass = torch.where(clipped, p_t, p_t.new_zeros(()), out=d).sum(-1)
+    # Which way (module docstring): first-order change of log p_S[v] under each step, -(g_v - c). Exact KL first
+    # (w = p_T), into d's storage: p_T where its step raises log p_S[v] (p_T - P p_S + c_KL > 0), else 0.
+    p_s = logp_s.exp_()
+    s2 = _rowdot(p_s, p_s)
+    total_t = p_t.sum(-1, keepdim=True)
+    c_kl = total_t * s2 - _rowdot(p_s, p_t)
+    raised = torch.add(p_t, c_kl, out=d).addcmul_(p_s, total_t, value=-1).clamp_(min=0).sign_().mul_(p_t)
+    weights = p_t.masked_fill_(clipped, 0)  # w = p_T * m
     total = weights.sum(-1, keepdim=True)
-    # Which way the configured loss moves the teacher's argmax logit: dl/dz_a = p_S[a] W - w[a] (> 0: down),
-    # while the exact forward KL's p_S[a] - p_T[a] < 0 wants it up.
-    push_a = logp_s_a.exp() * total - weights.gather(-1, a)
-    argmax_reversed = ((push_a > 0) & (logp_s_a < logp_t_a)).squeeze(-1).to(kl.dtype)
-    # Every entry pushed against the exact KL: the clipped ones, when any teacher mass is left unclipped (W > 0);
-    # never with clip="token" or "none" (module docstring, "Which way").
-    reversed_mass = clipped_mass * (total.squeeze(-1) > 0) if clip == "pointwise" else torch.zeros_like(kl)
-    grad = None
-    if need_grad:
-        # dl/dz = p_S * sum_v w[v] - w, built in logp_s's storage.
-        grad = logp_s.exp_().mul_(total).sub_(weights)
-    return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad
+    c = total * s2 - _rowdot(p_s, weights)
+    grad = p_s.mul_(total).sub_(weights)  # dl/dz = p_S * sum_v w[v] - w, in logp_s's storage
+    lowered = torch.gt(grad, c, out=mask)  # the loss's step lowers log p_S[v]: g_v > c
+    argmax_reversed = (lowered.gather(-1, a) & (raised.gather(-1, a) > 0)).squeeze(-1).to(kl.dtype)
+    reversed_mass = raised.masked_fill_(lowered.logical_not_(), 0).sum(-1)
+    return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad if need_grad else None
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) row-wise dot products of two (rows, V) tensors, as a batched matrix product: no (rows, V)
+    temporary, unlike ``(x * y).sum(-1)``."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1, 1)
 
 
 def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
@@ -401,6 +428,7 @@ def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
     p_s = logp_s.exp_()
     top_p_s = top_logp_s.exp()
     tail_s = p_s.scatter_(-1, idx, 0).sum(-1, keepdim=True)
+    tail_s2 = _rowdot(p_s, p_s) if clip == "pointwise" else None  # sum_tail p_S**2, for "Which way"
     p_s.scatter_(-1, idx, top_p_s)
 
     # The k + 1 coarse entries (last = tail), through the reference's own formulas.
@@ -420,13 +448,17 @@ def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
         clipped_mass = torch.zeros_like(kl)
         weights = p_t_k
     total = weights.sum(-1, keepdim=True)
-    # Which way, over the k + 1 coarse entries (the tail bucket as one entry): pushed down by the loss
-    # (P_S W - w > 0) where the exact KL of the coarse distributions wants it up (P_S < P_T).
-    p_s_k = torch.cat([top_p_s, tail_s], dim=-1)
-    against = (p_s_k * total - weights > 0) & (p_s_k < p_t_k)
-    top1 = top_logp_t.argmax(-1, keepdim=True)  # the teacher's argmax is its top-1 entry
-    argmax_reversed = against[:, :-1].gather(-1, top1).squeeze(-1).to(kl.dtype)
-    reversed_mass = (p_t_k * against).sum(-1)
+    if clip == "pointwise":
+        # Which way, for the k + 1 coarse entries under the step on the full logits (module docstring): lowered by
+        # the loss's step while the unclipped top-k loss's step (w = P_T) would raise it.
+        p_s_k = torch.cat([top_p_s, tail_s], dim=-1)
+        change = lambda w, total: _coarse_logp_change(p_s_k, tail_s2, w, total)  # noqa: E731
+        against = (change(weights, total) < 0) & (change(p_t_k, p_t_k.sum(-1, keepdim=True)) > 0)
+        top1 = top_logp_t.argmax(-1, keepdim=True)  # the teacher's argmax is its top-1 entry
+        argmax_reversed = against[:, :-1].gather(-1, top1).squeeze(-1).to(kl.dtype)
+        reversed_mass = (p_t_k * against).sum(-1)
+    else:  # the step is the unclipped loss's or 0: nothing is reversed
+        argmax_reversed, reversed_mass = torch.zeros_like(kl), torch.zeros_like(kl)
     grad = None
     if need_grad:
         # a = w_tail / P_S[tail]; 0 when the tail has no student mass (then w_tail * p_S[j] / P_S[tail] is 0/0
@@ -435,6 +467,19 @@ def _chunk_loss_topk(logp_t, logp_s, tau, clip, k, need_grad):
         a = torch.where(tail_s > 0, tail_w / tail_s.clamp(min=torch.finfo(tail_s.dtype).tiny), 0.0)
         grad = p_s.mul_(total - a).scatter_add_(-1, idx, top_p_s * a - weights[:, :-1])
     return loss, kl, clipped_mass, argmax_reversed, reversed_mass, grad
+
+
+def _coarse_logp_change(p_s_k, tail_s2, w, total):
+    """Per unit step, the first-order change of log P_S of each of the k + 1 coarse entries when the full logits
+    take a gradient step of the top-k loss with coarse weights ``w`` (sum ``total``): ``c - h``, with ``h`` the
+    entry's p_S-weighted mean logit gradient (``g_j = p_S[j] W - w_j`` for a top-k entry; ``p_S[v] (W - a)`` on
+    every tail entry, a = w_tail / P_S[tail], so h_tail = (W - a) sum_tail p_S**2 / P_S[tail]) and c = sum P_S h."""
+    tail_s = p_s_k[:, -1:]
+    tiny = torch.finfo(tail_s.dtype).tiny
+    a = torch.where(tail_s > 0, w[:, -1:] / tail_s.clamp(min=tiny), 0.0)
+    h_tail = torch.where(tail_s > 0, (total - a) * tail_s2 / tail_s.clamp(min=tiny), 0.0)
+    h = torch.cat([p_s_k[:, :-1] * total - w[:, :-1], h_tail], dim=-1)
+    return (p_s_k * h).sum(-1, keepdim=True) - h
 
 
 _ALWAYS = ("loss", "kl", "clipped_mass", "teacher_argmax_reversed", "reversed_teacher_mass")  # _chunk_loss's order
