@@ -69,9 +69,9 @@ def fixed_pairs(args):
 
     from ssopd_verl.config import SSOPDConfig
     from ssopd_verl.distill_plan import plan_distillation
-    from ssopd_verl.tiny_default import build_tiny_default, is_correct, sample_completions
+    from ssopd_verl.tiny_default import get_tiny_default, is_correct, sample_completions
 
-    tiny = build_tiny_default()
+    tiny = get_tiny_default()
     tokenizer = AutoTokenizer.from_pretrained(tiny.model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny.model_path, dtype=torch.float32)
     frame = pd.read_parquet(tiny.train_file).head(args.prompts)

@@ -3,7 +3,8 @@
 #
 #   python -m verl.trainer.main_ppo +recipe=ssopd +platform=cpu +tiny=default [overrides]
 #
-# Installs into .venv first if needed; builds the tiny default on first use (cached in ~/.cache/ssopd_verl);
+# Installs into .venv first if needed; the model and data are the tiny default shipped in the package (the same
+# checkpoint on every machine, no build; `python -m ssopd_verl.tiny_default` regenerates it);
 # metrics go to ssopd-tiny/<experiment>.jsonl (verl's `file` logger), checkpoints to
 # checkpoints/ssopd-tiny/<experiment>. The console shows one line per step (ssopd_verl.console); verl's full
 # output (config dump, Ray and engine logs) goes to ssopd-tiny/main_job.log, and its end is shown if the job fails.

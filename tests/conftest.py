@@ -11,19 +11,21 @@ os.environ.setdefault("VERL_PLATFORM", "cpu")
 
 import pytest
 
-# Modules that use the embedded tiny default (built once into the user cache, a few minutes of one CPU core).
-TINY_DEFAULT_MODULES = ("test_e2e_cpu.py", "test_tiny_default.py", "test_evaluate_vllm.py", "test_vllm_cpu.py")
+# Modules run last, after what they start in the background: the build test of the tiny default (the other tests
+# use the copy shipped in the package) and the end-to-end tests (they wait for the runs).
+TINY_DEFAULT_MODULES = ("test_e2e_cpu.py", "test_tiny_default.py")
 E2E_MODULE = "test_e2e_cpu.py"
+BUILD_MODULE = "test_tiny_default.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the tests that need the tiny default last, and start now, in a background process, what they need:
+    """Run the tests that wait for background work last, and start that work now, in background processes:
 
-    * with the end-to-end tests selected, ``tests/e2e_runs.py`` (it builds the tiny default, then runs the
-      ``main_ppo`` runs): the runs overlap the other tests, whose processes leave a core idle most of the time;
+    * with the end-to-end tests selected, ``tests/e2e_runs.py`` (the ``main_ppo`` runs on the shipped tiny
+      default): the runs overlap the other tests, whose processes leave a core idle most of the time;
       ``test_e2e_cpu.py`` waits for it;
-    * otherwise the tiny default's build alone (one thread, under the cache's file lock, a few minutes), unless
-      it is cached; the first test that needs it waits on the lock and then reads the cache.
+    * with ``test_tiny_default.py`` selected and no build in the cache, a build of the default spec (one thread,
+      under the cache's file lock, a few minutes): its build test waits on the lock and then reads the cache.
     """
     needs = [item for item in items if item.path.name in TINY_DEFAULT_MODULES]
     if not needs:
@@ -34,15 +36,15 @@ def pytest_collection_modifyitems(config, items):
     # listing or planning the tests (tests/check_isolation.py) runs nothing: no background work to start
     if config.option.collectonly or config.option.setupplan:
         return
-    if any(item.path.name == E2E_MODULE for item in needs) and not os.environ.get("SSOPD_E2E_ROOT"):
+    names = {item.path.name for item in needs}
+    if E2E_MODULE in names and not os.environ.get("SSOPD_E2E_ROOT"):
         root = Path(tempfile.mkdtemp(prefix="ssopd-e2e-"))
         command = [sys.executable, str(Path(__file__).with_name("e2e_runs.py")), str(root)]
         config._e2e_runs = (_background(config, command, root / "runs.log"), root)
         print(f"\nrunning the end-to-end runs in the background (log: {root / 'runs.log'})")
-        return
     from ssopd_verl.tiny_default import cached_tiny_default
 
-    if cached_tiny_default() is not None:
+    if BUILD_MODULE not in names or cached_tiny_default() is not None:
         return
     _background(config, [sys.executable, "-m", "ssopd_verl.tiny_default"], config.rootpath / ".tiny_default_build.log")
     print(f"\nbuilding the tiny default in the background (log: {config.rootpath / '.tiny_default_build.log'})")

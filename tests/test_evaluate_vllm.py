@@ -26,9 +26,9 @@ MAX_NEW_TOKENS = 40  # the tiny default's completions take 21-27 tokens
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
     """The tiny default's first validation problems as a {problem, answer} benchmark file."""
-    from ssopd_verl.tiny_default import build_tiny_default
+    from ssopd_verl.tiny_default import get_tiny_default
 
-    tiny = build_tiny_default()
+    tiny = get_tiny_default()
     rows = pd.read_parquet(tiny.val_file).head(PROBLEMS)
     path = tmp_path_factory.mktemp("bench") / "tiny_val.jsonl"
     with open(path, "w") as f:

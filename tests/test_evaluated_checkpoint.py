@@ -24,9 +24,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def tiny():
-    from ssopd_verl.tiny_default import build_tiny_default
+    from ssopd_verl.tiny_default import get_tiny_default
 
-    return build_tiny_default()
+    return get_tiny_default()
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,9 @@ def run_on_two_nodes(root: Path) -> None:
     from fork_client import runtime_env_overrides  # tests/ (this script's folder) is on sys.path
 
     from ssopd_verl.glue.in_process import main_ppo, output_to
-    from ssopd_verl.tiny_default import build_tiny_default
+    from ssopd_verl.tiny_default import get_tiny_default
 
-    build_tiny_default()
+    get_tiny_default()
     cwd = root / "launch"
     # + the Ray workers forked from a server per node that has imported verl (tests/fork_client.py), as in
     # tests/e2e_runs.py: ~1 s per actor instead of ~15 s of imports; the code they run is the same

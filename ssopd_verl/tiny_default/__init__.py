@@ -1,9 +1,12 @@
-"""The embedded tiny default: a small Qwen3 that already sits in the RL frontier, with its task, built offline.
+"""The embedded tiny default: a small Qwen3 that already sits in the RL frontier, with its task, built offline and
+shipped with the package.
 
 Why: SSOPD only acts on *mixed* groups (some completions of a prompt correct, some wrong, ``0 < p < 1``). A randomly
 initialised model never answers correctly, so every group is all-wrong and GRPO and SSOPD both do nothing; a CPU
 test or demo needs a model that is neither hopeless nor perfect. No checkpoint can be downloaded here, so this
-package *builds* one, deterministically, from nothing but the installed libraries. Its parts, in build order:
+package *builds* one, deterministically on a given machine, from nothing but the installed libraries, and ships
+the default build (``shipped/``, ~2.7 MB: a build on another CPU, whose kernels round differently, is another
+model, so every machine uses this one). Its parts, in build order:
 
 1. **Task** (:mod:`.tasks`): two-digit addition with a verifiable ``\\boxed{}`` answer and a worked completion
    (:mod:`.tasks.addition`), behind a small :class:`~.tasks.base.Task` protocol and registry: a second task is a
@@ -25,10 +28,15 @@ package *builds* one, deterministically, from nothing but the installed librarie
    ``val.parquet`` in verl's RL format, ``manifest.json``; cached in ``$SSOPD_CACHE/tiny-default-v2``
    (``~/.cache/ssopd_verl``) under a file lock, found again by spec and file hashes. :mod:`.spec` holds
    :class:`TinyDefaultSpec`, everything that determines a build.
+6. **Shipped** (``shipped/``, :func:`~.build.shipped_tiny_default`): the default spec's build, package data, checked
+   against its manifest's sha256 on every use (a changed file is an error, never a rebuild). Held out: student
+   0.383, teacher prompt 0.896, greedy student 0.547 (stopped at step 500).
 
-CLI: ``python -m ssopd_verl.tiny_default [--cache-dir D] [--force] [--seed S] [--task T]`` (``--task``: that task's
-preset). In verl: ``+tiny=default``, whose ``${ssopd_tiny:...}`` paths build it on first use
-(:func:`~.build.resolve_path`); ``+tiny=addition3``, the same settings on the harder task's build
+CLI: ``python -m ssopd_verl.tiny_default [--cache-dir D] [--force] [--seed S] [--task T] [--ship]`` (``--task``:
+that task's preset): builds into the cache and says whether the build equals the shipped copy; ``--ship`` replaces
+the shipped copy with it (how to refresh it). In verl: ``+tiny=default``, whose ``${ssopd_tiny:...}`` paths are the
+shipped copy's (:func:`~.build.resolve_path`, :func:`~.build.get_tiny_default`; no build, no torch import);
+``+tiny=addition3``, the same settings on the harder task's build, built on first use
 (``${ssopd_tiny:model_path,addition3}``, i.e. ``TinyDefaultSpec.for_task("addition3")``). Chat
 template: Qwen3's default (thinking on), i.e. verl's default ``data.apply_chat_template_kwargs={}``
 (:data:`CHAT_TEMPLATE_KWARGS`). Reward: ``data_source`` ``"lighteval/MATH"`` (:data:`DATA_SOURCE`;
@@ -38,8 +46,8 @@ Not part of it: :mod:`ssopd_verl.tiny_model` / :mod:`ssopd_verl.tiny_tokenizer`,
 Qwen3 with the *real* 151,669-token tokenizer that the engine tests use; the tiny default takes only Qwen3's
 special tokens, pre-tokenizer regex, chat template file and sdpa save from them.
 
-Imports: the standard library at module level (a cached build is returned without importing torch); torch,
-transformers, tokenizers and pandas inside the build; verl never.
+Imports: the standard library at module level (the shipped copy or a cached build is returned without importing
+torch); torch, transformers, tokenizers and pandas inside the build; verl never.
 """
 
 from __future__ import annotations
@@ -48,11 +56,15 @@ from ssopd_verl.tiny_default.build import (
     CACHE_NAME,
     CACHE_VERSION,
     RESOLVER,
+    SHIPPED_DIR,
     TinyDefault,
     build_tiny_default,
     cached_tiny_default,
     default_cache_dir,
+    get_tiny_default,
     resolve_path,
+    ship_tiny_default,
+    shipped_tiny_default,
 )
 from ssopd_verl.tiny_default.model import greedy_accuracy, measure, sample_completions, sampled_accuracy
 from ssopd_verl.tiny_default.spec import DEFAULT_TASK, TinyDefaultSpec
@@ -75,6 +87,7 @@ __all__ = [
     "INSTRUCTION",
     "Problem",
     "RESOLVER",
+    "SHIPPED_DIR",
     "TASKS",
     "Task",
     "TaskProblem",
@@ -86,6 +99,7 @@ __all__ = [
     "completion_ids",
     "default_cache_dir",
     "get_task",
+    "get_tiny_default",
     "greedy_accuracy",
     "is_correct",
     "make_splits",
@@ -94,5 +108,7 @@ __all__ = [
     "resolve_path",
     "sample_completions",
     "sampled_accuracy",
+    "ship_tiny_default",
+    "shipped_tiny_default",
     "teacher_prompt_ids",
 ]

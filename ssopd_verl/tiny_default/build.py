@@ -1,4 +1,13 @@
-"""Building the tiny default once, caching it, and finding it again: :func:`build_tiny_default`.
+"""Building the tiny default once, caching it, and finding it again: :func:`build_tiny_default`; the copy shipped
+with the package: :func:`shipped_tiny_default`; the one the overlays use: :func:`get_tiny_default`.
+
+Shipped: the default spec's build is part of the package (``ssopd_verl/tiny_default/shipped/``: model, tokenizer,
+parquet files, manifest; ~2.7 MB), so that ``+tiny=default`` needs no build and every machine starts from the same
+checkpoint. A build's floats depend on the CPU's instruction set (a build on an AVX-512 AMD EPYC stopped at another
+step with other held-out numbers than the one here), so a build is deterministic per machine only; the shipped copy
+is loaded after checking every file's sha256 against its manifest, and a missing or changed file is an error, never
+a silent rebuild. ``python -m ssopd_verl.tiny_default --ship`` regenerates it (build, or the cached build, copied
+into the package).
 
 The build: the task's seeded splits, the tokenizer trained on the warm-start problems, a seeded model, the warm
 start, the held-out measurement (every validation problem, ``heldout_samples`` = 4 samples each, temperature 1.0,
@@ -15,13 +24,15 @@ training; nothing else (no source file) is part of the key.
 
 Determinism: the same spec (seed included) gives byte-identical files on the same software versions, thread count
 (``num_threads``, default 1, set for the warm start and restored after: one thread is also the fastest on a shared
-2-core machine) and CPU; the manifest records them. The global torch RNG is left untouched.
+2-core machine) and CPU (its instruction set: matmul and softmax kernels round differently under AVX2 and
+AVX-512, and 500 steps of training amplify that); the manifest records the versions and thread count. The global
+torch RNG is left untouched.
 
-Also the Hydra resolver ``${ssopd_tiny:model_path}`` of the ``+tiny=default`` overlay, and
+Also the Hydra resolver ``${ssopd_tiny:model_path}`` of the ``+tiny=default`` overlay (the shipped copy), and
 ``${ssopd_tiny:model_path,<task>}`` (a task's preset build) of ``+tiny=addition3`` (:func:`resolve_path`).
 
-Imports: the standard library at module level (a cached build is returned without importing torch); torch,
-transformers, tokenizers and pandas inside the build; verl never.
+Imports: the standard library at module level (the shipped copy or a cached build is returned without importing
+torch); torch, transformers, tokenizers and pandas inside the build; verl never.
 """
 
 from __future__ import annotations
@@ -48,11 +59,15 @@ __all__ = [
     "CACHE_NAME",
     "CACHE_VERSION",
     "RESOLVER",
+    "SHIPPED_DIR",
     "TinyDefault",
     "build_tiny_default",
     "cached_tiny_default",
     "default_cache_dir",
+    "get_tiny_default",
     "resolve_path",
+    "ship_tiny_default",
+    "shipped_tiny_default",
 ]
 
 CACHE_VERSION = 2  # 2: the warm start also teaches the teacher prompt (held-out accuracies in the manifest)
@@ -61,6 +76,7 @@ MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 TRAIN_FILE = "train.parquet"
 VAL_FILE = "val.parquet"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"  # the default spec's build, package data
 
 
 @dataclass(frozen=True)
@@ -124,22 +140,31 @@ def cached_tiny_default(
 
 def _load_cached(cache_dir: Path, spec: TinyDefaultSpec) -> Optional[TinyDefault]:
     """The cached build if its manifest is complete, for this spec, and every file hash matches; else None."""
+    manifest, problem = _check(cache_dir, spec)
+    return None if problem else _result(cache_dir, manifest)
+
+
+def _check(root: Path, spec: TinyDefaultSpec) -> tuple:
+    """``(manifest, None)`` if ``root`` holds a finished build of ``spec`` whose files all match their sha256 in
+    the manifest; else ``(manifest or None, what is wrong)``."""
     try:
-        manifest = json.loads((cache_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"no readable {MANIFEST} ({e})"
     if manifest.get("format") != "ssopd-tiny-default" or manifest.get("version") != CACHE_VERSION:
-        return None
+        return manifest, f"format/version {manifest.get('format')}/{manifest.get('version')}, expected v{CACHE_VERSION}"
     if manifest.get("spec") != spec.to_dict():
-        return None
+        return manifest, "built for another spec"
     files = manifest.get("files") or {}
     if not files:
-        return None
-    for rel, digest in files.items():
-        p = cache_dir / rel
-        if not p.is_file() or _sha256(p) != digest:
-            return None
-    return _result(cache_dir, manifest)
+        return manifest, "the manifest lists no files"
+    for rel, digest in sorted(files.items()):
+        p = root / rel
+        if not p.is_file():
+            return manifest, f"{rel} is missing"
+        if _sha256(p) != digest:
+            return manifest, f"{rel} does not match its sha256 in the manifest"
+    return manifest, None
 
 
 def _result(cache_dir: Path, manifest: dict) -> TinyDefault:
@@ -300,6 +325,55 @@ def build_tiny_default(
     return _result(cache_dir, manifest)
 
 
+# The shipped copy and the overlays' choice.
+
+
+def shipped_tiny_default(root: Optional[os.PathLike | str] = None) -> TinyDefault:
+    """The default spec's build shipped with the package (``root``, default :data:`SHIPPED_DIR`): the same model
+    on every machine. Checked against its manifest (format, version, spec, every file's sha256) without importing
+    torch. Raises RuntimeError if anything is missing or changed: it is never rebuilt silently, since a rebuild on
+    another CPU is another model."""
+    root = Path(root).expanduser().resolve() if root is not None else SHIPPED_DIR
+    manifest, problem = _check(root, TinyDefaultSpec())
+    if problem:
+        raise RuntimeError(
+            f"the shipped tiny default in {root} is unusable: {problem}. Reinstall the package (or restore the files "
+            "from git), or regenerate it on this machine with `python -m ssopd_verl.tiny_default --ship`."
+        )
+    return _result(root, manifest)
+
+
+def ship_tiny_default(built: TinyDefault, root: Optional[os.PathLike | str] = None) -> TinyDefault:
+    """Copy a finished build of the default spec into the package (``root``, default :data:`SHIPPED_DIR`),
+    replacing the shipped copy: the manifest and the files it lists, nothing else. Returns the checked copy."""
+    if built.manifest.get("spec") != TinyDefaultSpec().to_dict():
+        raise ValueError("only a build of the default spec TinyDefaultSpec() is shipped; this one has another spec")
+    root = Path(root).expanduser().resolve() if root is not None else SHIPPED_DIR
+    tmp = root.with_name(f".{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel in [MANIFEST, *built.manifest["files"]]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(built.cache_dir) / rel, tmp / rel)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return shipped_tiny_default(root)
+
+
+def get_tiny_default(spec: Optional[TinyDefaultSpec] = None) -> TinyDefault:
+    """The tiny default the overlays and tests use: the shipped copy for the default spec (no build, no torch
+    import), otherwise (another task or seed) that spec's build, built into the cache on first use."""
+    spec = spec or TinyDefaultSpec()
+    if spec == TinyDefaultSpec():
+        return shipped_tiny_default()
+    # "ssopd: " so that scripts/run_tiny_cpu.sh, which shows only our lines, shows the first-use build's progress
+    return build_tiny_default(spec=spec, progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
+
+
 # Hydra resolver: `${ssopd_tiny:model_path}` in the `+tiny=default` overlay, `${ssopd_tiny:model_path,addition3}`
 # in `+tiny=addition3` (registered by the verl plugin).
 
@@ -307,15 +381,14 @@ RESOLVER = "ssopd_tiny"
 
 
 def resolve_path(field_name: str, task: Optional[str] = None) -> str:
-    """A path of the tiny default for a config interpolation; builds it (once, cached) on first use.
+    """A path of the tiny default for a config interpolation (:func:`get_tiny_default`).
 
-    ``${ssopd_tiny:model_path}`` (no task): the default build, ``TinyDefaultSpec()``.
+    ``${ssopd_tiny:model_path}`` (no task): the shipped default, ``TinyDefaultSpec()``; no build.
     ``${ssopd_tiny:model_path,addition3}``: the build of that task's preset, ``TinyDefaultSpec.for_task(task)``,
-    the one ``python -m ssopd_verl.tiny_default --task addition3`` builds (same cache directory)."""
+    the one ``python -m ssopd_verl.tiny_default --task addition3`` builds (same cache directory), built on first
+    use."""
     allowed = ("model_path", "train_file", "val_file")
     if field_name not in allowed:
         raise ValueError(f"${{{RESOLVER}:{field_name}}}: expected one of {allowed}")
     spec = TinyDefaultSpec() if task is None else TinyDefaultSpec.for_task(str(task))
-    # "ssopd: " so that scripts/run_tiny_cpu.sh, which shows only our lines, shows the first-use build's progress
-    built = build_tiny_default(spec=spec, progress=lambda line: print(f"ssopd: {line}", file=sys.stderr, flush=True))
-    return getattr(built, field_name)
+    return getattr(get_tiny_default(spec), field_name)
