@@ -14,11 +14,16 @@ the LoRA adapters' initialisation (``actor_rollout_ref.actor.fsdp_config.seed``)
 (``ssopd.seed``); the same seed gives the same numbers (docs/evidence.md). Validation is greedy on all 128
 validation problems, before training and every ``--test-freq`` steps.
 
-Arms (``--arms``: names, or ``study`` / ``study-initial`` for the groups below):
+Arms (``--arms``: names, or ``study`` / ``study-initial`` / ``main`` for the groups below):
 
   study          grpo; ssopd-{pw,token,none}-l{0.5,1}: the clip (pointwise tau 0.05 = the paper; token, tau
                  TOKEN_TAU; none) at lambda 0.5 (the reported value) and 1, the live teacher
   study-initial  the six ssopd arms with the teacher frozen at the start checkpoint (ssopd.teacher=initial; LoRA)
+  main           the paper's reported setup (docs/SSOPD_SPEC.md 1b: LoRA, the teacher frozen at the start checkpoint,
+                 lambda 0.5, the loss on the first K target tokens, K = FIRST_K) for each clip:
+                 ssopd-{pw,token,none}-l0.5-initial-k16, and ssopd-token-l0.5-k16 (the same with the live teacher),
+                 beside grpo. Needs --lora-rank > 0. Run it until grpo's validation is flat over the last quarter
+                 (the report's plateau table says whether it is).
   earlier        ssopd (= ssopd-pw-l1), ssopd-initial, opsd (witness = the dataset's worked solution)
 
 The runs share one Python process and one Ray instance (``ssopd_verl.glue.in_process``; ``--isolated``: one
@@ -60,8 +65,19 @@ STUDY = list(ARMS)
 STUDY_INITIAL = [f"{arm}-initial" for arm in STUDY if arm != "grpo"]
 ARMS.update({f"{arm}-initial": [*ARMS[arm], "ssopd.teacher=initial"] for arm in STUDY if arm != "grpo"})
 ARMS.update(ssopd=[], **{"ssopd-initial": ["ssopd.teacher=initial"]}, opsd=["ssopd.witness_source=reference_solution"])
-GROUPS = {"study": STUDY, "study-initial": STUDY_INITIAL}
+# The paper's "first K steps" (K not given) on the tiny default: a 2-digit addition's completion is 24 tokens, its
+# think block (both column sums, where every slip is) the first 16, the boxed answer the last 8.
+FIRST_K = 16
+FIRST_K_OVERRIDE = f"ssopd.max_distill_tokens={FIRST_K}"
+MAIN = ["grpo"] + [f"ssopd-{clip}-l0.5-initial-k{FIRST_K}" for clip in CLIPS] + [f"ssopd-token-l0.5-k{FIRST_K}"]
+ARMS.update({f"ssopd-{clip}-l0.5-initial-k{FIRST_K}": [*ARMS[f"ssopd-{clip}-l0.5-initial"], FIRST_K_OVERRIDE]
+             for clip in CLIPS})  # fmt: skip
+ARMS[f"ssopd-token-l0.5-k{FIRST_K}"] = [*ARMS["ssopd-token-l0.5"], FIRST_K_OVERRIDE]
+GROUPS = {"study": STUDY, "study-initial": STUDY_INITIAL, "main": MAIN}
 BASELINE = "grpo"
+# An arm is flat at the end when its seed-mean validation moves by at most this over the last quarter of the steps:
+# 0.01 is 1.3 of the 128 validation problems.
+FLAT_TOLERANCE = 0.01
 PROJECT = "experiment"
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
 # per-step diagnostics averaged over steps and seeds in the last table
@@ -103,7 +119,7 @@ def parse_args(argv=None):
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         p.error(f"unknown arms {unknown}; known: {list(GROUPS)} and {list(ARMS)}")
-    if any(a.endswith("initial") for a in args.arms) and args.lora_rank <= 0:
+    if any("-initial" in a for a in args.arms) and args.lora_rank <= 0:
         p.error("the *-initial arms need a LoRA actor (ssopd.teacher=initial is refused with full fine-tuning): "
                 "give --lora-rank > 0, which applies to every arm, or leave them out")  # fmt: skip
     if args.seeds < 1 or args.steps < 1 or args.test_freq < 1:
@@ -232,6 +248,7 @@ def report(runs_dir: Path, figures: Path, doc) -> str:
     bands = {arm: sc.seed_bands(list(per_seed.values())) for arm, per_seed in curves.items()}
     val_steps = sorted({b.step for bs in bands.values() for b in bs})
     pairs = sc.paired_differences(summaries, BASELINE) if BASELINE in summaries else []
+    plateaus = {arm: sc.last_quarter(list(per_seed.values()), FLAT_TOLERANCE) for arm, per_seed in curves.items()}
 
     setup = manifest.get("setup", {})
     lora = setup.get("lora_rank") or 0
@@ -257,12 +274,30 @@ def report(runs_dir: Path, figures: Path, doc) -> str:
               "the validation curve over steps, divided by the step range); seed mean ± sample std:", "",
               sc.summary_table(summaries, start)]  # fmt: skip
     if pairs:
-        title = f"per-seed differences vs {BASELINE} (dots), mean and 95% bootstrap CI: {setup_text}"
+        title = f"per-seed differences vs {BASELINE} (dots), mean, paired t (blue) and bootstrap (orange) 95% CI"
         sc.plot_paired(pairs, figures / "paired_vs_grpo.png", title)
+        arms_n, n = len({p.arm for p in pairs}), sorted({len(p.seeds) for p in pairs})
         parts += [f"Paired per-seed differences against {BASELINE} (same seed: same prompts order, same rollout "
-                  "seed, same LoRA init), mean [percentile bootstrap 95% CI over seeds, 10,000 resamples, bootstrap "
-                  "seed 0]:", "", sc.paired_table(pairs, BASELINE),
+                  f"seed, same LoRA init). {len(pairs)} comparisons ({arms_n} arms x {len(sc.SUMMARIES)} summaries; "
+                  "final and best are the same number wherever a run ended at its best). Per comparison: the mean "
+                  "difference, the seeds where it is positive, the paired t 95% interval (t with n - 1 degrees of "
+                  "freedom), the percentile bootstrap 95% interval (10,000 resamples, bootstrap seed 0; with "
+                  f"{'/'.join(map(str, n))} seeds it is narrower than the t interval and shown only beside it), the "
+                  "paired t-test's and the exact sign-flip test's two-sided p-values, each also Holm-adjusted over "
+                  f"all {len(pairs)} comparisons. The intervals are per comparison, not simultaneous. With n seeds "
+                  "the sign-flip p-value is at least 2/2^n"
+                  + "".join(f" ({k} seeds: {2 / 2**k:.4g})" for k in n) + ".", "",
+                  sc.paired_table(pairs, BASELINE),
                   f"![paired differences]({rel(figures / 'paired_vs_grpo.png')})", ""]  # fmt: skip
+    parts += ["Is the run at a plateau? Per arm, the seed-mean validation accuracy's change over the last quarter of "
+              f"the steps (flat: within ±{FLAT_TOLERANCE:g}, 1.3 of 128 problems) and the seeds whose final "
+              "validation is their best. Where the baseline is not flat, `final` measures how fast an arm learns, "
+              "not where it ends:", "", sc.plateau_table(plateaus, FLAT_TOLERANCE)]  # fmt: skip
+    if BASELINE in plateaus:
+        base = plateaus[BASELINE]
+        verdict = "cannot tell (too few validations)" if base is None else "met" if base.flat else (
+            "**not met**: `final` compares how fast the arms learn, not where they end")  # fmt: skip
+        parts += [f"Stopping rule ({BASELINE} flat over the last quarter of the steps): {verdict}.", ""]
     parts += ["Validation accuracy at every validation (seed mean):", "", sc.curve_table(bands, val_steps)]
     degeneration = sc.degeneration_keys(s for per_seed in series.values() for s in per_seed)
     if degeneration:

@@ -9,8 +9,20 @@ area under the validation curve by the trapezoid rule over steps, divided by the
 ``a`` has ``auc = a``: the mean accuracy over training).
 
 Per arm: the seeds' mean and sample standard deviation of each summary, and its paired difference against the
-baseline arm (GRPO): for every seed both arms ran, ``arm - baseline``; their mean with a percentile bootstrap 95%
-confidence interval (resampling the seeds, a fixed bootstrap seed: the same files give the same interval).
+baseline arm (GRPO): for every seed both arms ran, ``arm - baseline``; their mean with
+
+* the paired t 95% interval (Student's t with n - 1 degrees of freedom: :func:`paired_t_ci`) and the paired t-test's
+  two-sided p-value (:func:`paired_t_p`),
+* the exact sign-flip permutation p-value (:func:`sign_flip_p`: all 2^n sign patterns of the n differences; with 5
+  seeds its smallest two-sided value is 2/32 = 0.0625, so 5 seeds can never reach p < 0.05 with it),
+* the percentile bootstrap 95% interval beside them (:func:`bootstrap_ci`; resampling the seeds with a fixed
+  bootstrap seed). With 5 seeds it has only 126 distinct resamples and is narrower than the t-interval (it ignores
+  that the standard deviation itself is estimated from 5 values): it is shown, not relied on,
+* Holm's adjustment of both p-values over the whole family of comparisons made (every arm x every summary:
+  :func:`holm`), so the number of comparisons is part of every p-value reported.
+
+Whether a run ended at a plateau (:func:`last_quarter`): the seed-mean validation's change over the last quarter of
+the steps, and how many seeds ended at their best validation (final = best: the run was still climbing or flat).
 
 Curves of any metric over seeds (:func:`seed_bands`): at every step that *all* of an arm's seeds logged (a crashed
 or shorter seed never silently shrinks the mean), the mean, min-max range and sample standard deviation.
@@ -18,7 +30,7 @@ Degeneration metrics (:func:`degeneration_keys`): whatever ``degeneration/*`` (t
 (``val-*`` holding ``degeneration``, or the ``ssopd`` reward manager's per-sample flags) the trackers have; none
 is fine.
 
-Pure: no verl, no training (numpy and, for the figures, matplotlib).
+Pure: no verl, no training, no scipy (numpy; the t distribution in closed form; matplotlib for figures).
 """
 
 from __future__ import annotations
@@ -130,38 +142,183 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+def t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function for an integer ``df`` >= 1, in closed form (Abramowitz & Stegun 26.7.3-4:
+    with theta = atan(|t| / sqrt(df)), P(|T| <= |t|) is a finite series in sin and cos of theta). Seeds give an
+    integer df, and the closed form needs no scipy (not a dependency here)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"df must be a positive integer, got {df}")
+    if math.isnan(t):
+        raise ValueError("t is NaN")
+    return 0.5 + math.copysign(_t_two_sided_mass(abs(t), int(df)), t) / 2
+
+
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for t >= 0 (the A(t|df) of A&S 26.7.3-4)."""
+    if math.isinf(t):
+        return 1.0
+    theta = math.atan(t / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    term, series = 1.0, 1.0
+    if df % 2 == 0:  # sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        return sin * series
+    if df == 1:
+        return 2 * theta / math.pi
+    for k in range(1, (df - 1) // 2):  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... up to cos^(df-3)))
+        term *= cos2 * (2 * k) / (2 * k + 1)
+        series += term
+    return 2 / math.pi * (theta + sin * math.sqrt(cos2) * series)
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom: :func:`t_cdf` inverted by bisection."""
+    if not 0 < q < 1:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    if q < 0.5:
+        return -t_quantile(1 - q, df)
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < q:
+        low, high = high, 2 * high
+    for _ in range(200):  # halves [low, high] until float resolution
+        mid = (low + high) / 2
+        if mid in (low, high):
+            break
+        low, high = (mid, high) if t_cdf(mid, df) < q else (low, mid)
+    return (low + high) / 2
+
+
+def paired_t_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The t interval of the mean: mean -+ t_{(1+level)/2, n-1} * s / sqrt(n). Needs at least 2 values."""
+    x = [float(v) for v in values]
+    if len(x) < 2:
+        raise ValueError(f"a t interval needs at least 2 values, got {len(x)}")
+    half = t_quantile((1 + level) / 2, len(x) - 1) * statistics.stdev(x) / math.sqrt(len(x))
+    mean = statistics.fmean(x)
+    return mean - half, mean + half
+
+
+def paired_t_p(values: Sequence[float]) -> float:
+    """Two-sided p-value of the one-sample t-test of mean 0 (on paired differences: the paired t-test). Needs at
+    least 2 values; equal nonzero values give 0 (no spread), all zeros give 1."""
+    x = [float(v) for v in values]
+    if len(x) < 2:
+        raise ValueError(f"a t-test needs at least 2 values, got {len(x)}")
+    mean, sd = statistics.fmean(x), statistics.stdev(x)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return 1 - _t_two_sided_mass(abs(mean) / (sd / math.sqrt(len(x))), len(x) - 1)
+
+
+MAX_SIGN_FLIP_VALUES = 16  # 2^16 = 65,536 sign patterns: exact in a blink; more seeds than that is not this study
+
+
+def sign_flip_p(values: Sequence[float]) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value of mean 0: the share of the 2^n sign patterns of the
+    differences whose |sum| is at least the observed |sum| (ties count, up to rounding). Under "the arm makes no
+    difference" each seed's difference is as likely + as -, so this needs no normality; its smallest value is
+    2 / 2^n (every seed the same sign)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0 or x.size > MAX_SIGN_FLIP_VALUES:
+        raise ValueError(f"the exact sign-flip test takes 1 to {MAX_SIGN_FLIP_VALUES} values, got {x.size}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"non-finite differences: {values}")
+    signs = 1 - 2 * ((np.arange(2**x.size)[:, None] >> np.arange(x.size)) & 1)  # every +-1 pattern, one per row
+    observed = abs(x.sum())
+    sums = np.abs(signs @ x)
+    return float(np.mean(sums >= observed - 1e-12 * max(1.0, np.abs(x).sum())))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order out): the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). It controls the family-wise error over all m comparisons."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 @dataclass(frozen=True)
 class Paired:
-    """An arm minus the baseline on one summary, over the seeds both ran."""
+    """An arm minus the baseline on one summary, over the seeds both ran. The t fields are None with one seed."""
 
     arm: str
     metric: str
     seeds: tuple[int, ...]
     differences: tuple[float, ...]
     mean: float
-    low: float  # bootstrap CI
-    high: float
+    t_low: Optional[float]  # paired t interval
+    t_high: Optional[float]
+    boot_low: float  # percentile bootstrap interval
+    boot_high: float
+    p_t: Optional[float]  # paired t-test, two-sided
+    p_flip: float  # exact sign-flip, two-sided
+    p_t_holm: Optional[float]  # the same, Holm-adjusted over the family (every pair returned together)
+    p_flip_holm: float
+    family: int  # the number of comparisons in that family
 
 
 def paired_differences(
     summaries: Mapping[str, Mapping[int, Mapping[str, float]]], baseline: str = "grpo", metrics=SUMMARIES,
     level: float = 0.95, resamples: int = 10_000, seed: int = 0,
 ) -> list[Paired]:  # fmt: skip
-    """Every arm but the baseline, every metric: per-seed ``arm - baseline`` over the common seeds, with the mean
-    and its bootstrap interval. Arms sharing no seed with the baseline are left out."""
+    """Every arm but the baseline, every metric: per-seed ``arm - baseline`` over the common seeds, with the mean,
+    its t and bootstrap intervals and its t-test and sign-flip p-values, raw and Holm-adjusted over all the
+    comparisons returned (arms x metrics). Arms sharing no seed with the baseline are left out."""
     base = summaries.get(baseline)
     if base is None:
         raise ValueError(f"no runs of the baseline arm {baseline!r}")
-    out = []
+    rows = []
     for arm, per_seed in summaries.items():
         common = tuple(s for s in per_seed if s in base)
         if arm == baseline or not common:
             continue
         for metric in metrics:
             diffs = tuple(per_seed[s][metric] - base[s][metric] for s in common)
-            low, high = bootstrap_ci(diffs, level, resamples, seed)
-            out.append(Paired(arm, metric, common, diffs, statistics.fmean(diffs), low, high))
+            rows.append((arm, metric, common, diffs))
+    p_t = [paired_t_p(d) if len(d) > 1 else None for *_, d in rows]
+    p_flip = [sign_flip_p(d) for *_, d in rows]
+    tested = [p for p in p_t if p is not None]
+    holm_t = iter(holm(tested))
+    p_t_holm = [None if p is None else next(holm_t) for p in p_t]
+    out = []
+    for (arm, metric, common, diffs), pt, pth, pf, pfh in zip(rows, p_t, p_t_holm, p_flip, holm(p_flip)):
+        t_low, t_high = paired_t_ci(diffs, level) if len(diffs) > 1 else (None, None)
+        boot_low, boot_high = bootstrap_ci(diffs, level, resamples, seed)
+        out.append(Paired(arm, metric, common, diffs, statistics.fmean(diffs), t_low, t_high, boot_low, boot_high,
+                          pt, pf, pth, pfh, len(rows)))  # fmt: skip
     return out
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The seed-mean validation curve over the last quarter of the steps, and the seeds that ended at their best."""
+
+    start_step: int  # the first validation in the last quarter
+    end_step: int
+    change: float  # seed mean at end_step - at start_step
+    flat: bool  # |change| <= tolerance
+    final_is_best: int  # seeds whose last validation is their highest
+    seeds: int
+
+
+def last_quarter(curves: Sequence[Curve], tolerance: float = 0.01) -> Optional[Plateau]:
+    """Is an arm flat at the end? Over the validations at steps >= last - (last - first) / 4 of the steps every seed
+    logged, the seed mean's change from the first to the last of them; flat when it is within ``tolerance``. None
+    when the last quarter holds fewer than 2 validations (nothing to judge)."""
+    bands = seed_bands(curves)
+    first, last = bands[0].step, bands[-1].step
+    window = [b for b in bands if b.step >= last - (last - first) / 4]
+    if len(window) < 2:
+        return None
+    change = window[-1].mean - window[0].mean
+    at_best = sum(1 for c in curves if c[-1][1] >= max(v for _, v in c))
+    return Plateau(window[0].step, window[-1].step, change, abs(change) <= tolerance, at_best, len(curves))
 
 
 # ---------------------------------------------------------------------------------------------------- curves
@@ -212,17 +369,40 @@ def summary_table(summaries: Mapping[str, Mapping[int, Mapping[str, float]]], st
     return "\n".join(lines) + "\n"
 
 
+def _p(p: Optional[float]) -> str:
+    return "–" if p is None else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def _interval(low: Optional[float], high: Optional[float]) -> str:
+    return "–" if low is None else f"[{low:+.3f}, {high:+.3f}]"
+
+
 def paired_table(pairs: Sequence[Paired], baseline: str = "grpo") -> str:
-    """Markdown, one row per arm: for each summary, mean paired difference vs the baseline [95% CI]."""
-    head = " | ".join(f"{m} − {baseline}" for m in SUMMARIES)
-    lines = [f"| arm | seeds | {head} |", "|---|---:|" + "---:|" * len(SUMMARIES)]
-    by_arm: dict[str, dict[str, Paired]] = {}
+    """Markdown, one row per (arm, summary): the mean paired difference vs the baseline, how many seeds it is
+    positive in, the paired t 95% interval, the bootstrap 95% interval, and both p-values raw and Holm-adjusted."""
+    lines = [f"| arm | summary | seeds | mean − {baseline} | seeds > 0 | paired t 95% CI | bootstrap 95% CI | "
+             "t-test p | p Holm | sign-flip p | p Holm |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in pairs:
-        by_arm.setdefault(p.arm, {})[p.metric] = p
-    for arm, cells in by_arm.items():
-        row = [arm, str(len(next(iter(cells.values())).seeds))]
-        row += [f"{p.mean:+.3f} [{p.low:+.3f}, {p.high:+.3f}]" if (p := cells.get(m)) else "–" for m in SUMMARIES]
-        lines.append("| " + " | ".join(row) + " |")
+        positive = sum(1 for d in p.differences if d > 0)
+        cells = [p.arm, p.metric, str(len(p.seeds)), f"{p.mean:+.3f}", f"{positive}/{len(p.differences)}",
+                 _interval(p.t_low, p.t_high), _interval(p.boot_low, p.boot_high), _p(p.p_t), _p(p.p_t_holm),
+                 _p(p.p_flip), _p(p.p_flip_holm)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plateau_table(plateaus: Mapping[str, Optional[Plateau]], tolerance: float) -> str:
+    """Markdown, one row per arm: the seed mean's change over the last quarter of the steps, whether that is flat
+    (within ``tolerance``), and the seeds whose last validation is their best."""
+    lines = [f"| arm | last quarter | change of the seed mean | flat (within ±{tolerance:g}) | "
+             "seeds with final = best |", "|---|---|---:|---|---:|"]
+    for arm, q in plateaus.items():
+        if q is None:
+            lines.append(f"| {arm} | fewer than 2 validations | – | cannot tell | – |")
+            continue
+        flat = "yes" if q.flat else "no"
+        lines.append(f"| {arm} | step {q.start_step} → {q.end_step} | {q.change:+.3f} | {flat} | "
+                     f"{q.final_is_best}/{q.seeds} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +455,8 @@ def plot_seed_bands(
 
 
 def plot_paired(pairs: Sequence[Paired], out_png: str | Path, title: str, baseline: str = "grpo") -> None:
-    """One panel per summary: each arm's per-seed differences vs the baseline (dots), mean and 95% CI (bar)."""
+    """One panel per summary: each arm's per-seed differences vs the baseline (dots), the mean with its paired t
+    95% interval (square, thick bar) and its bootstrap 95% interval (thin bar below)."""
     plt = _pyplot()
     arms = list(dict.fromkeys(p.arm for p in pairs))
     fig, axes = plt.subplots(1, len(SUMMARIES), figsize=(4.2 * len(SUMMARIES), 0.5 * len(arms) + 1.6), squeeze=False)
@@ -285,11 +466,16 @@ def plot_paired(pairs: Sequence[Paired], out_png: str | Path, title: str, baseli
             if p is None:
                 continue
             ax.plot(p.differences, [y] * len(p.differences), "o", color="gray", alpha=0.5, markersize=3)
-            ax.errorbar(p.mean, y, xerr=[[p.mean - p.low], [p.high - p.mean]], fmt="s", color="C0", capsize=3)
+            if p.t_low is not None:
+                ax.errorbar(p.mean, y, xerr=[[p.mean - p.t_low], [p.t_high - p.mean]], fmt="s", color="C0",
+                            capsize=3, label="paired t 95%" if y == 0 else None)  # fmt: skip
+            ax.errorbar(p.mean, y - 0.2, xerr=[[p.mean - p.boot_low], [p.boot_high - p.mean]], fmt="none",
+                        color="C1", capsize=2, linewidth=0.8, label="bootstrap 95%" if y == 0 else None)  # fmt: skip
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(arms)), arms if ax is axes[0][0] else [""] * len(arms), fontsize=7)
         ax.set_xlabel(f"{metric} − {baseline}")
         ax.grid(alpha=0.3, axis="x")
+    axes[0][0].legend(fontsize=6, loc="lower right")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,15 @@
 """Arms over seeds (ssopd_verl.seed_comparison) from verl file-logger JSONL, and the experiment script's command
 lines, run folder and report on made-up tracker files (the real runs are `scripts/experiment_cpu.py`)."""
 
+import itertools
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 
@@ -77,22 +81,158 @@ def test_bootstrap_ci_is_the_percentile_interval_and_reproducible():
     assert (low, high) == (pytest.approx(np.percentile(means, 2.5)), pytest.approx(np.percentile(means, 97.5)))
 
 
+def _t_sf_reference(t: float, df: int) -> mpmath.mpf:
+    """P(T > t) for t >= 0 from the regularized incomplete beta function, in 40-digit arithmetic (independent of
+    the closed form under test): P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    with mpmath.workdps(40):
+        return mpmath.betainc(mpmath.mpf(df) / 2, mpmath.mpf(1) / 2, 0, df / (df + mpmath.mpf(t) ** 2),
+                              regularized=True) / 2  # fmt: skip
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 8, 9, 17, 30])
+def test_t_cdf_matches_the_incomplete_beta_function(df):
+    for t in (0.0, 0.1, 0.7, 1.5, 2.776, 4.0, 12.0, 60.0):
+        upper = float(_t_sf_reference(t, df))
+        assert 1 - sc.t_cdf(t, df) == pytest.approx(upper, rel=1e-10, abs=1e-15)
+        assert sc.t_cdf(-t, df) == pytest.approx(upper, rel=1e-10, abs=1e-15)  # symmetric
+    assert sc.t_cdf(math.inf, df) == 1.0 and sc.t_cdf(-math.inf, df) == 0.0
+
+
+def test_t_quantile_gives_the_table_values_and_inverts_the_cdf():
+    # two-sided 95% critical values of Student's t (any table; 12.706 is the Cauchy's tan(0.475 pi))
+    assert sc.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    for df, value in ((2, 4.302652729749464), (4, 2.7764451051977987), (9, 2.262157162798205), (30, 2.042272456301238)):
+        assert sc.t_quantile(0.975, df) == pytest.approx(value, rel=1e-12)
+        assert sc.t_quantile(0.025, df) == pytest.approx(-value, rel=1e-12)
+    for df in (1, 4, 7):
+        for q in (0.6, 0.9, 0.995, 0.9999):
+            assert sc.t_cdf(sc.t_quantile(q, df), df) == pytest.approx(q, rel=1e-12)
+    for bad in ((0.975, 0), (0.975, 2.5), (1.0, 4), (0.0, 4)):
+        with pytest.raises(ValueError):
+            sc.t_quantile(*bad)
+
+
+def test_paired_t_interval_and_p_value_by_hand():
+    d = [0.0078125, 0.0234375, 0.046875, 0.0234375, 0.1484375]
+    mean, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(5)
+    assert sc.paired_t_ci(d) == (pytest.approx(mean - 2.7764451051977987 * se, rel=1e-12),
+                                 pytest.approx(mean + 2.7764451051977987 * se, rel=1e-12))  # fmt: skip
+    assert sc.paired_t_ci(d, level=0.9)[1] == pytest.approx(mean + 2.1318467863266495 * se, rel=1e-12)
+    assert sc.paired_t_p(d) == pytest.approx(2 * float(_t_sf_reference(mean / se, 4)), rel=1e-10)
+    assert sc.paired_t_p([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2 * float(_t_sf_reference(3 / math.sqrt(0.5), 4)))
+    assert sc.paired_t_p([0.2, 0.2]) == 0.0 and sc.paired_t_p([0.0, 0.0, 0.0]) == 1.0  # no spread
+    assert sc.paired_t_ci([0.2, 0.2]) == (0.2, 0.2)
+    for bad in ([], [0.1]):
+        with pytest.raises(ValueError, match="at least 2"):
+            sc.paired_t_ci(bad)
+        with pytest.raises(ValueError, match="at least 2"):
+            sc.paired_t_p(bad)
+
+
+def _sign_flip_brute_force(values):
+    """Every sign pattern with itertools, on the values as exact decimal fractions (0.0123 is 123/10000, not its
+    binary float): ties between patterns are exact ties, as the rounded sums of floats should count them."""
+    from fractions import Fraction
+
+    x = [Fraction(str(v)) for v in values]
+    observed = abs(sum(x))
+    patterns = itertools.product((1, -1), repeat=len(x))
+    hits = sum(abs(sum(s * v for s, v in zip(signs, x))) >= observed for signs in patterns)
+    return hits / 2 ** len(x)
+
+
+def test_sign_flip_p_is_the_exact_permutation_p_value():
+    # by hand: +-1 +-2 +-3 has |sum| 6, 0, 2, 4, 4, 2, 0, 6; |1 - 2 + 3| = 2 is reached by 6 of the 8
+    assert sc.sign_flip_p([1, -2, 3]) == 0.75
+    assert sc.sign_flip_p([0.1, 0.2, 0.3, 0.4, 0.5]) == 2 / 32  # all one sign: the smallest p with 5 seeds
+    assert sc.sign_flip_p([0.0, 0.0]) == 1.0 and sc.sign_flip_p([0.3]) == 1.0
+    rng = np.random.default_rng(3)
+    for n in (2, 5, 8, 11):
+        for _ in range(5):
+            values = list(np.round(rng.normal(0.02, 0.05, n), 4))  # rounded: ties between patterns happen
+            assert sc.sign_flip_p(values) == pytest.approx(_sign_flip_brute_force(values), abs=1e-15)
+    # in units of 1/128 (one validation problem): 1, 3, 6, 3, -1 sum to 12; |sum| >= 12 when the flipped entries of
+    # the all-plus 14 add up to at most 1: none, the 1 or the -1, and the mirror images: 6 of 32, ties included
+    d = [0.0078125, 0.0234375, 0.046875, 0.0234375, -0.0078125]
+    assert sc.sign_flip_p(d) == _sign_flip_brute_force(d) == 6 / 32
+    with pytest.raises(ValueError, match="1 to 16"):
+        sc.sign_flip_p([0.1] * 17)
+    with pytest.raises(ValueError, match="1 to 16"):
+        sc.sign_flip_p([])
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 4 * 0.01, 3 * 0.03, max(0.09, 2 * 0.04), 1 * 0.5; back in the input order
+    assert sc.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert sc.holm([0.3, 0.6]) == [0.6, 0.6] and sc.holm([0.9, 0.9, 0.9]) == [1.0, 1.0, 1.0] and sc.holm([]) == []
+
+
 def test_paired_differences_use_the_seeds_both_arms_ran():
     summaries = {
         "grpo": {0: {"final": 0.5, "best": 0.6, "auc": 0.5}, 1: {"final": 0.6, "best": 0.6, "auc": 0.55}},
         "a": {0: {"final": 0.7, "best": 0.7, "auc": 0.6}, 1: {"final": 0.6, "best": 0.8, "auc": 0.55},
               2: {"final": 0.9, "best": 0.9, "auc": 0.9}},  # seed 2: no grpo run to pair with
         "b": {5: {"final": 0.1, "best": 0.1, "auc": 0.1}},  # no common seed: left out
+        "c": {0: {"final": 0.2, "best": 0.6, "auc": 0.5}},  # one common seed: no t statistics
     }  # fmt: skip
     pairs = {(p.arm, p.metric): p for p in sc.paired_differences(summaries)}
-    assert set(pairs) == {("a", "final"), ("a", "best"), ("a", "auc")}
+    assert set(pairs) == {(arm, m) for arm in "ac" for m in sc.SUMMARIES}
     final = pairs[("a", "final")]
     assert final.seeds == (0, 1) and final.differences == (pytest.approx(0.2), pytest.approx(0.0))
-    assert final.mean == pytest.approx(0.1) and (final.low, final.high) == (pytest.approx(0.0), pytest.approx(0.2))
+    assert final.mean == pytest.approx(0.1)
+    assert (final.boot_low, final.boot_high) == (pytest.approx(0.0), pytest.approx(0.2))
+    # t interval: 0.1 -+ t(0.975, 1) * stdev(0.2, 0) / sqrt(2) = 0.1 -+ 12.7062 * 0.1
+    assert (final.t_low, final.t_high) == (pytest.approx(0.1 - 1.2706204736174707), pytest.approx(1.3706204736174707))
+    assert final.p_t == pytest.approx(0.5)  # t = 1 with 1 df: the Cauchy's P(|T| > 1) = 1/2
+    assert final.p_flip == 1.0  # +-0.2 +-0: every sign pattern is as far from 0 as the observed
+    assert final.family == 6
+    lone = pairs[("c", "final")]
+    assert lone.t_low is lone.t_high is lone.p_t is lone.p_t_holm is None and lone.p_flip == 1.0
+    # Holm over the family: the t-test p-values of the 3 comparisons that have one, the sign-flip ones of all 6
+    tested = [pairs[("a", m)].p_t for m in sc.SUMMARIES]
+    assert [pairs[("a", m)].p_t_holm for m in sc.SUMMARIES] == pytest.approx(sc.holm(tested))
+    flips = [pairs[(arm, m)].p_flip for arm in "ac" for m in sc.SUMMARIES]
+    assert [pairs[(arm, m)].p_flip_holm for arm in "ac" for m in sc.SUMMARIES] == pytest.approx(sc.holm(flips))
     table = sc.paired_table(list(pairs.values()))
-    assert "| a | 2 | +0.100 [+0.000, +0.200] | +0.150 [+0.100, +0.200] | +0.050 [+0.000, +0.100] |" in table
+    row = "| a | final | 2 | +0.100 | 1/2 | [-1.171, +1.371] | [+0.000, +0.200] | 0.500 | 1.000 | 1.000 | 1.000 |"
+    assert row in table
+    assert "| c | final | 1 | -0.300 | 0/1 | – | [-0.300, -0.300] | – | – | 1.000 | 1.000 |" in table
     with pytest.raises(ValueError, match="baseline"):
         sc.paired_differences({"a": summaries["a"]})
+
+
+def test_the_committed_study_gives_the_t_intervals_the_review_computed():
+    """Issue 24 computed paired t 95% intervals of final - GRPO from docs/evidence/runs; the report must agree."""
+    runs = sc.load_runs(ROOT / "docs" / "evidence" / "runs")
+    summaries = {arm: {s: sc.run_summary(sc.validation_accuracy(p)) for s, p in seeds.items()}
+                 for arm, seeds in runs.items()}  # fmt: skip
+    pairs = {(p.arm, p.metric): p for p in sc.paired_differences(summaries)}
+    for arm, (low, high) in {"ssopd-token-l0.5": (-0.020, 0.120), "ssopd-token-l1": (-0.009, 0.103),
+                             "ssopd-none-l0.5": (-0.029, 0.097)}.items():  # fmt: skip
+        p = pairs[(arm, "final")]
+        assert (round(p.t_low, 3), round(p.t_high, 3)) == (low, high)
+        assert p.boot_high - p.boot_low < p.t_high - p.t_low  # the bootstrap is the narrower one here
+    # one validation problem is 1/128: the token cap's final gains are 1, 3, 6, 3 and 19 problems
+    assert pairs[("ssopd-token-l0.5", "final")].differences == pytest.approx([k / 128 for k in (1, 3, 6, 3, 19)])
+    assert len(pairs) == pairs[("ssopd-token-l0.5", "auc")].family == 18
+    grpo = sc.last_quarter([sc.validation_accuracy(p) for p in runs["grpo"].values()])
+    assert (grpo.start_step, grpo.end_step, grpo.flat, grpo.final_is_best) == (16, 20, False, 5)  # not at a plateau
+
+
+def test_last_quarter_says_whether_an_arm_is_flat_at_the_end():
+    rising = [[(0, 0.5), (4, 0.6), (8, 0.7), (12, 0.75), (16, 0.8)],
+              [(0, 0.5), (4, 0.6), (8, 0.7), (12, 0.79), (16, 0.8)]]
+    q = sc.last_quarter(rising)  # the last quarter of 0..16 is steps >= 12
+    assert (q.start_step, q.end_step, q.change, q.flat) == (12, 16, pytest.approx(0.03), False)
+    assert (q.final_is_best, q.seeds) == (2, 2)
+    flat = [[(0, 0.5), (8, 0.8), (12, 0.81), (16, 0.805)], [(0, 0.5), (8, 0.8), (12, 0.8), (16, 0.8)]]
+    q = sc.last_quarter(flat)
+    assert q.change == pytest.approx(-0.0025) and q.flat and q.final_is_best == 1  # seed 0 peaked at step 12
+    assert not sc.last_quarter(flat, tolerance=0.001).flat
+    assert sc.last_quarter([[(0, 0.5), (10, 0.6)]]) is None  # one validation in the last quarter: cannot tell
+    table = sc.plateau_table({"grpo": sc.last_quarter(rising), "x": None}, 0.01)
+    assert "| grpo | step 12 → 16 | +0.030 | no | 2/2 |" in table
+    assert "| x | fewer than 2 validations | – | cannot tell | – |" in table
 
 
 def test_summary_and_curve_tables():
@@ -176,6 +316,20 @@ def test_study_arms_and_commands_differ_only_by_arm_and_seed(tmp_path):
     commands = [line.split() for line in proc.stdout.splitlines()]
     assert len(commands) == 8 and all("ssopd.teacher=initial" in cmd for cmd in commands[1:7])
     assert "ssopd.witness_source=reference_solution" in commands[7]
+    proc = _experiment("--out", str(tmp_path), "--dry-run", "--seeds", "1", "--lora-rank", "4", "--arms", "main")
+    commands = [set(line.split()) for line in proc.stdout.splitlines()]
+    names = [next(a for a in cmd if a.startswith("trainer.experiment_name=")).split("=")[1] for cmd in commands]
+    assert names == ["grpo-s0", "ssopd-pw-l0.5-initial-k16-s0", "ssopd-token-l0.5-initial-k16-s0",
+                     "ssopd-none-l0.5-initial-k16-s0", "ssopd-token-l0.5-k16-s0"]  # fmt: skip
+    paper = {"ssopd.lambda=0.5", "ssopd.max_distill_tokens=16", "actor_rollout_ref.model.lora_rank=4"}
+    assert all(paper | {"ssopd.teacher=initial"} <= cmd for cmd in commands[1:4])
+    assert paper <= commands[4] and not any("teacher=initial" in a for a in commands[4])  # the live-teacher variant
+    live = "ssopd-token-l0.5-k16-s0"
+    assert commands[4] - commands[2] == {f"trainer.experiment_name={live}",
+                                         f"trainer.default_local_dir={tmp_path.resolve()}/runs/{live}/checkpoints"}
+    assert {"ssopd.clip=pointwise", "ssopd.tau=0.05"} <= commands[1] and "ssopd.clip=none" in commands[3]
+    proc = _experiment("--out", str(tmp_path), "--dry-run", "--arms", "main")
+    assert proc.returncode == 2 and "--lora-rank" in proc.stderr  # the initial teacher needs LoRA
 
 
 def test_experiment_on_the_harder_task_changes_only_the_overlay(tmp_path):
@@ -217,7 +371,13 @@ def test_finished_runs_become_a_run_folder_and_the_report_is_regenerated_from_it
     assert text.startswith("# Evidence\n\nprose before\n\n<!-- experiment:begin -->") and "old" not in text
     assert text.endswith("<!-- experiment:end -->\n\nprose after\n")
     assert "| grpo | 2 | 0.400 | 0.405 ± 0.007 | 0.405 ± 0.007 | 0.403 ± 0.004 |" in text
-    assert "| ssopd-pw-l1 | 2 | +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | +0.050 [+0.050, +0.050] |" in text
+    row = "| ssopd-pw-l1 | final | 2 | +0.100 | 2/2 | [+0.100, +0.100] | [+0.100, +0.100] | <0.001 | <0.001 | 0.500 |"
+    assert row in text
+    assert "| ssopd-pw-l1 | auc | 2 | +0.050 | 2/2 | [+0.050, +0.050] | [+0.050, +0.050] |" in text
+    assert "3 comparisons (1 arms x 3 summaries" in text and "(2 seeds: 0.5)" in text
+    # validations at steps 0 and 2: the last quarter (steps >= 1.5) holds one, too few to say whether it is flat
+    assert "| grpo | fewer than 2 validations | – | cannot tell | – |" in text
+    assert "Stopping rule (grpo flat over the last quarter of the steps): cannot tell (too few validations)." in text
     assert "`degeneration/length_limit_frac`" in text and "| ssopd-pw-l1 | – | 0.050 |" in text
     assert "| ssopd-pw-l1 | 3 | – | – | – | -0.5 | -1.5 | – | 0.5 | +1.000 |" in text  # diagnostics
     assert "![validation accuracy vs step](evidence/figures/val_acc.png)" in text
