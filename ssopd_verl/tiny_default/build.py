@@ -314,15 +314,22 @@ def build_tiny_default(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = cache_dir.with_name(f"{cache_dir.name}.partial-{os.getpid()}")
         tmp.mkdir(parents=True)
-        try:
-            manifest = _build_into(tmp, spec, progress)
-            if cache_dir.exists():
-                shutil.rmtree(cache_dir)
-            os.replace(tmp, cache_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        manifest = _publish(tmp, cache_dir, lambda: _build_into(tmp, spec, progress))
     return _result(cache_dir, manifest)
+
+
+def _publish(tmp: Path, target: Path, fill: Callable[[], object]):
+    """``fill()`` writes ``tmp``, which then replaces ``target`` in one rename; whatever interrupts it leaves no
+    half-written ``target`` (``tmp`` is removed). Returns what ``fill`` returned."""
+    try:
+        result = fill()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 # The shipped copy and the overlays' choice.
@@ -351,16 +358,13 @@ def ship_tiny_default(built: TinyDefault, root: Optional[os.PathLike | str] = No
     root = Path(root).expanduser().resolve() if root is not None else SHIPPED_DIR
     tmp = root.with_name(f".{root.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def copy_files():
         for rel in [MANIFEST, *built.manifest["files"]]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(built.cache_dir) / rel, tmp / rel)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _publish(tmp, root, copy_files)
     return shipped_tiny_default(root)
 
 
