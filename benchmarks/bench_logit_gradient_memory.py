@@ -10,6 +10,14 @@ forward + backward over a micro-batch's student logits, as verl's FSDP engine ru
   (``chunked_clipped_forward_kl`` on the distilled positions of one target, teacher states and lm_head weight
   given), with the loss's gradient sink when the implementation has one.
 
+Cases (``--cases``): ``mixed``, a micro-batch with one target (``--distilled`` of its ``--tokens`` positions
+distilled); ``none``, a micro-batch without a distilled position, where the hook returns a zero loss attached to
+the logits (``ssopd_verl.glue.actor_loss._ZeroLoss``; ``before`` is the former ``0.0 * logits.sum(-1)``, whose
+backward made a dense logits-sized zero gradient). Policy paths (``--policies``): ``inplace``, verl's GPU path
+(flash-attn's cross-entropy, whose backward writes the gradient into the logits' storage; here its CPU stand-in
+``benchmarks/inplace_cross_entropy.py`` in verl's dispatch), and ``rowwise``, verl's fallback under
+``VERL_DISABLE_FLASH_ATTN_CE=1`` (``logprobs_from_logits_v2``).
+
 The extra peak of ``ssopd`` over ``grpo`` is reported in units of one [tokens x vocabulary] logits tensor of the
 logits' dtype (bf16, as on GPU). With ``--losses FILE`` the loss module is loaded from FILE instead of the package,
 to measure an earlier implementation in the same run, e.g. the one before the gradient sink:
@@ -17,6 +25,13 @@ to measure an earlier implementation in the same run, e.g. the one before the gr
     git show 38e54f6:ssopd_verl/losses.py > /tmp/losses_before.py
     .venv/bin/python benchmarks/bench_logit_gradient_memory.py --losses-before /tmp/losses_before.py \
         --json benchmarks/results/logit_gradient_memory.json
+
+``--scale S`` divides the tokens, the distilled positions and ``--chunk-size`` by S together, keeping the
+proportions (and so the ratio in logits units) while the resident memory shrinks; the 8B shape below at
+``--scale 4`` peaks near 4 GiB:
+
+    .venv/bin/python benchmarks/bench_logit_gradient_memory.py --scale 4 \
+        --json benchmarks/results/logit_gradient_memory_cases.json
 
 Default shape, the 8B launch script's micro-batch (``PPO_MAX_TOKEN_LEN=17408`` student + teacher tokens per GPU
 with ``teacher_in_token_budget``; SETUP=reported distils the first 2,048 tokens of a target): 10,240 student
@@ -73,8 +88,17 @@ def _losses_module(path):
 def run_variant(variant: str, args) -> dict:
     import torch
 
-    os.environ["VERL_DISABLE_FLASH_ATTN_CE"] = "1"
+    if args.policy == "rowwise":
+        os.environ["VERL_DISABLE_FLASH_ATTN_CE"] = "1"
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import inplace_cross_entropy
+
+        inplace_cross_entropy.install()
     from verl.utils.torch_functional import logprobs_from_logits
+
+    sys.path.insert(0, _REPO)
+    from ssopd_verl.glue.actor_loss import _ZeroLoss
 
     losses = _losses_module(args.losses)
     sink = "gradient_sink" in inspect.signature(losses.chunked_clipped_forward_kl).parameters
@@ -92,11 +116,16 @@ def run_variant(variant: str, args) -> dict:
 
     def step(logits, labels, advantages, rows, states, temperature):
         total = (logprobs_from_logits(logits, labels) * advantages).sum()  # the policy loss's path
-        if variant == "ssopd":
+        if variant == "ssopd" and args.case == "none":
+            view = logits.unsqueeze(0).squeeze(0)  # what the engine hands the hook, as the hook squeezes it
+            zero = _ZeroLoss.apply(view) if args.connector == "after" else 0.0 * view.sum(-1, dtype=torch.float32)
+            total = total + zero.sum()
+        elif variant == "ssopd":
             view = logits.unsqueeze(0)  # what the engine hands the hook
             kwargs = {"gradient_sink": logits} if sink else {}
             terms = losses.chunked_clipped_forward_kl(view.squeeze(0), states, weight, temperature=temperature,
-                                                      student_prescaled=True, student_rows=rows, **kwargs)  # fmt: skip
+                                                      student_prescaled=True, student_rows=rows, chunk_size=args.chunk_size,
+                                                      **kwargs)  # fmt: skip
             total = total + terms.loss.sum()
         total.backward()
 
@@ -105,14 +134,17 @@ def run_variant(variant: str, args) -> dict:
     logits = batch["logits"]
     extra_mb = peak_allocated_mb(lambda: step(**batch))
     unit_mb = m * v * logits.element_size() / 2**20
-    return {"variant": variant, "losses": args.losses or "ssopd_verl.losses", "gradient_sink": sink,
+    return {"variant": variant, "case": args.case, "policy": args.policy, "connector": args.connector,
+            "losses": args.losses or "ssopd_verl.losses", "gradient_sink": sink,
             "extra_peak_mb": extra_mb, "logits_unit_mb": unit_mb,
             "grad_checksum": float(logits.grad.float().abs().sum())}  # fmt: skip
 
 
-def measure(variant: str, losses, args) -> dict:
+def measure(variant: str, losses, args, case="mixed", policy="rowwise", connector="after") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--tokens", str(args.tokens),
-           "--distilled", str(args.distilled), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]  # fmt: skip
+           "--distilled", str(args.distilled), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+           "--chunk-size", str(args.chunk_size), "--case", case, "--policy", policy,
+           "--connector", connector]  # fmt: skip
     if losses:
         cmd += ["--losses", losses]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -127,30 +159,48 @@ def main(argv=None):
     p.add_argument("--distilled", type=int, default=2048, help="distilled positions among them (N)")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=128, help="the loss's chunk_size (ssopd.chunk_size)")
+    p.add_argument("--scale", type=int, default=1, help="divide tokens, distilled and chunk size by this")
+    p.add_argument("--cases", nargs="+", choices=["mixed", "none"], default=["mixed", "none"])
+    p.add_argument("--policies", nargs="+", choices=["inplace", "rowwise"], default=["inplace", "rowwise"])
     p.add_argument("--losses", default=None, help=argparse.SUPPRESS)  # internal: the subprocess's module
     p.add_argument("--losses-before", default=None, help="an earlier losses.py to measure beside the current one")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case", default="mixed", help=argparse.SUPPRESS)
+    p.add_argument("--policy", default="rowwise", help=argparse.SUPPRESS)
+    p.add_argument("--connector", default="after", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
-    results = {"shape": {k: getattr(args, k) for k in ("tokens", "distilled", "vocab", "hidden")}, "runs": []}
-    grpo = measure("grpo", None, args)
-    results["runs"].append(grpo)
-    for label, losses in (("before", args.losses_before), ("after", None)):
-        if label == "before" and not losses:
-            continue
-        run = measure("ssopd", losses, args)
-        run["label"] = label
-        if "error" not in run and "error" not in grpo:
-            run["extra_over_grpo_logits_units"] = (run["extra_peak_mb"] - grpo["extra_peak_mb"]) / run["logits_unit_mb"]
-        results["runs"].append(run)
-    by = {r.get("label"): r for r in results["runs"] if r.get("label")}
-    if {"before", "after"} <= by.keys() and all("extra_over_grpo_logits_units" in by[k] for k in ("before", "after")):
-        results["after_over_before"] = by["after"]["extra_over_grpo_logits_units"] / by["before"]["extra_over_grpo_logits_units"]
+    if args.scale > 1:
+        args.tokens, args.distilled = args.tokens // args.scale, args.distilled // args.scale
+        args.chunk_size = max(1, args.chunk_size // args.scale)
+    keys = ("tokens", "distilled", "vocab", "hidden", "chunk_size", "scale")
+    results = {"shape": {k: getattr(args, k) for k in keys}, "runs": []}
+    for policy in args.policies:
+        grpo = measure("grpo", None, args, policy=policy)
+        results["runs"].append(grpo)
+        for case in args.cases:
+            labels = [("after", None, "after")]
+            if case == "mixed" and args.losses_before:
+                labels.insert(0, ("before", args.losses_before, "after"))
+            if case == "none":
+                labels.insert(0, ("before", None, "before"))
+            for label, losses, connector in labels:
+                run = measure("ssopd", losses, args, case=case, policy=policy, connector=connector)
+                run["label"] = label
+                if "error" not in run and "error" not in grpo:
+                    run["extra_over_grpo_logits_units"] = (
+                        (run["extra_peak_mb"] - grpo["extra_peak_mb"]) / run["logits_unit_mb"])
+                results["runs"].append(run)
+    print(f"{'policy':>8} {'case':>6} {'label':>7} {'extra over GRPO (logits units)':>31}")
+    for r in results["runs"]:
+        if r.get("variant") == "ssopd":
+            print(f"{r.get('policy', '?'):>8} {r.get('case', '?'):>6} {r.get('label', ''):>7} "
+                  f"{r.get('extra_over_grpo_logits_units', float('nan')):31.3f}")
     text = json.dumps(results, indent=2)
-    print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -6,6 +6,11 @@ wrong) goes through the engine's forward/backward twice per repetition, alternat
 time ratio SSOPD / GRPO (`time_ratio`) and the teacher tokens per student token (`teacher_tokens_per_token`);
 `--json PATH` writes them with the setup.
 
+What SSOPD cannot avoid is one forward without gradient over the teacher tokens. The same run times that forward
+alone (`TeacherForward.hidden_states` on the batch's target teacher sequences, in the engine's train mode, as the
+loss runs it), interleaved with the two updates, and reports `extra_over_teacher_forward` = (SSOPD - GRPO) / that
+forward: 1.0 would mean the loss, the pairing's fields and the glue cost nothing beyond the forward itself.
+
 `--proportions` picks the random Qwen3 (always the real 151,936-entry vocabulary):
 
 * `tiny`: hidden 64, 2 layers. Vocabulary-dominated: the loss weighs far more than in a real model.
@@ -13,10 +18,13 @@ time ratio SSOPD / GRPO (`time_ratio`) and the teacher tokens per student token 
   (matmul FLOPs per token, 28 x 50.3M) to vocabulary compute (2,048 x 151,936) as the real model, 4.53: hidden
   256, 2 query heads and 1 key-value head of 128, MLP 768, 224 layers. What it cannot copy: attention's
   sequence-length term (small at these lengths) and a GPU's kernels.
+* `qwen3-8b`: the same for Qwen3-8B (layer/vocabulary compute 11.16): hidden 256, MLP 3,072, 170 layers.
 
     .venv/bin/python benchmarks/bench_update_overhead.py --prompts 4 --n 4 --response-tokens 64
     .venv/bin/python benchmarks/bench_update_overhead.py --proportions qwen3-1.7b --prompts 2 --n 8 \
         --response-tokens 48 --repeats 3 --json /tmp/bench/update_overhead_1.7b.json
+    .venv/bin/python benchmarks/bench_update_overhead.py --proportions qwen3-8b --prompts 2 --n 8 \
+        --response-tokens 48 --repeats 3 --json /tmp/bench/update_overhead_8b.json
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ os.environ.setdefault("VERL_PLATFORM", "cpu")
 PROPORTIONS = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
     "qwen3-1.7b": dict(hidden_size=256, num_layers=224, num_heads=2, num_kv_heads=1, intermediate_size=768),
+    "qwen3-8b": dict(hidden_size=256, num_layers=170, num_heads=2, num_kv_heads=1, intermediate_size=3072),
 }
 
 
@@ -63,6 +72,7 @@ def main() -> None:
     from ssopd_verl.glue.actor_loss import (ROW_WEIGHT, TEACHER_IDS, TEACHER_PROMPT_LEN, SSOPDActorLoss,
                                             mark_for_distillation)
     from ssopd_verl.cpu.engine import build_actor_config, build_cpu_fsdp2_engine, make_train_tensordict
+    from ssopd_verl.glue.teacher_forward import TeacherForward
     from ssopd_verl.tiny_model import build_tiny_qwen3
     from verl.workers.utils.losses import ppo_loss
 
@@ -103,7 +113,9 @@ def main() -> None:
 
     base = functools.partial(ppo_loss, config=build_actor_config())
     losses = {"grpo": (base, False), "ssopd": (SSOPDActorLoss(base, cfg, rollout_n=args.n, engine=engine), True)}
-    times = {name: [] for name in losses}
+    times = {name: [] for name in (*losses, "teacher_forward")}
+    teacher = TeacherForward(engine)
+    sequences = [torch.tensor(ids) for ids, w in zip(plan.teacher_ids, plan.weight) if w > 0]
     for repeat in range(args.repeats + 1):  # the first repetition warms up and is dropped
         for name, (loss_fn, distill) in losses.items():
             td = batch(distill)
@@ -114,10 +126,19 @@ def main() -> None:
                 engine.optimizer_zero_grad()
             if repeat:
                 times[name].append(elapsed)
+        td = batch(False)
+        with engine.train_mode():  # the unavoidable part alone: the teacher forward over the same sequences
+            start = time.perf_counter()
+            teacher.hidden_states(sequences, td)
+            teacher.take_head()
+            elapsed = time.perf_counter() - start
+        if repeat:
+            times["teacher_forward"].append(elapsed)
 
     student_tokens = sum(len(p) + len(r) for p, r in rows)
     teacher_tokens = sum(len(ids) for ids in plan.teacher_ids)
     grpo, ssopd = statistics.median(times["grpo"]), statistics.median(times["ssopd"])
+    forward = statistics.median(times["teacher_forward"])
     print(f"rows {len(rows)} ({plan.num_targets} targets), student tokens {student_tokens}, "
           f"teacher tokens {teacher_tokens} ({teacher_tokens / student_tokens:.2f} per student token)")
     ratio = layer_to_vocab_flops(shape["hidden_size"], shape["num_layers"], shape["num_heads"], shape["num_kv_heads"],
@@ -125,12 +146,14 @@ def main() -> None:
     print(f"model {args.proportions}: layer/vocabulary compute {ratio:.2f} (Qwen3-1.7B: "
           f"{layer_to_vocab_flops(2048, 28, 16, 8, 128, 6144):.2f})")
     print(f"median forward+backward: grpo {grpo:.3f} s, ssopd {ssopd:.3f} s, ratio ssopd/grpo {ssopd / grpo:.2f}")
+    print(f"teacher forward alone {forward:.3f} s: ssopd's extra time over grpo is {(ssopd - grpo) / forward:.2f}x it")
     if args.json:
         figures = {
             "proportions": args.proportions, "layer_to_vocab_compute": ratio, "rows": len(rows),
             "targets": plan.num_targets, "student_tokens": student_tokens, "teacher_tokens": teacher_tokens,
             "teacher_tokens_per_token": teacher_tokens / student_tokens, "grpo_s": grpo, "ssopd_s": ssopd,
-            "time_ratio": ssopd / grpo, "repeats": args.repeats,
+            "time_ratio": ssopd / grpo, "repeats": args.repeats, "teacher_forward_s": forward,
+            "extra_over_teacher_forward": (ssopd - grpo) / forward,
         }  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

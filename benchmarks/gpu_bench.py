@@ -1,25 +1,30 @@
 """What the SSOPD term costs on top of a real-size student update: peak memory and time, on one GPU.
 
 Models are randomly initialised from the real Qwen3 configurations (no weights, no network), in bf16, with
-gradient checkpointing on and SDPA attention. For each model and response length L, one training step of each
-variant runs on a batch of one sequence of L tokens:
+gradient checkpointing on and SDPA attention. For each model and student sequence length L, one training step of
+each variant runs on one sequence of L tokens, on verl's production path:
 
-    base     student forward + backward with a policy-gradient stand-in loss: mean over the L positions of
-             advantage * (-log p(sampled token)), from the (L, V) logits upcast to float32 and divided by the
-             temperature (as verl's engine hands them to the loss).
-    chunked  base + SSOPD: a teacher forward under no_grad on another sequence of L tokens (its final hidden
-             states), then `chunked_clipped_forward_kl` on all L positions (production path).
-    full     base + SSOPD with the teacher logits materialised at once (lm_head on all L teacher positions) and
-             the reference `clipped_forward_kl` (what OPSD / TRL reference code do).
+    base     the student forward + backward of GRPO as verl's FSDP engine runs it: the (L, V) logits in the
+             compute dtype (bf16, never upcast), divided by the temperature in that dtype, and verl's
+             `logprobs_from_logits` (flash-attn's in-place cross-entropy where flash-attn is installed, as on a GPU
+             install; its row-wise fallback otherwise), then mean(-advantage * log p(sampled token)).
+    chunked  base + SSOPD as the logits hook runs it: a teacher forward under no_grad over prompt + witness + K
+             target tokens (--prompt-tokens, --witness-tokens, --distill-tokens), its final states at the K target
+             positions, and `chunked_clipped_forward_kl` on the K distilled student positions (`student_rows`) with
+             the gradient sink on the logits (production path).
+    full     base + SSOPD with the K teacher rows' logits materialised at once and the reference
+             `clipped_forward_kl` on float32 copies of the student rows (what OPSD / TRL reference code do).
 
 Reported per (model, L, variant): peak memory (torch.cuda.max_memory_allocated over the step; weights and
 their gradients included), the step time (one warm-up step per model and variant at a short length first), and
-for chunked / full the extra memory and time over base. A configuration that runs out of memory is recorded as
+for chunked / full the extra memory and time over base, the extra memory also in logits units (one (L, V)
+tensor of the compute dtype). A configuration that runs out of memory is recorded as
 "OOM" and the run goes on; longer sequences of a variant that ran out of memory are not tried. Configurations
 not started within --budget-s seconds are recorded as "SKIPPED".
 
-Default command, sized for one H200 (141 GB): estimated at about 5 minutes, and --budget-s keeps it from
-starting new configurations after 7 (needs torch and transformers only; not yet run on a GPU):
+Default command, sized for one H100 (80 GB): estimated at about 5 minutes, and --budget-s keeps it from
+starting new configurations after 7 (needs the gpu install: torch, transformers, verl, flash-attn; not yet run on
+a GPU):
 
     python benchmarks/gpu_bench.py --json gpu_bench.json
 
@@ -135,34 +140,46 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def train_step(model, variant: str, length: int, args, losses) -> None:
+    """One student forward + backward over ``length`` tokens, as verl's FSDP engine runs it (module docstring)."""
     import torch
-    import torch.nn.functional as F
+
+    from verl.utils.torch_functional import logprobs_from_logits  # flash-attn's cross-entropy where installed
 
     device = model.lm_head.weight.device
     vocab = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(length)
     student_ids = torch.randint(0, vocab, (1, length), generator=g).to(device)
-    targets = torch.randint(0, vocab, (length,), generator=g).to(device)
+    labels = torch.randint(0, vocab, (length,), generator=g).to(device)
     advantages = torch.randn(length, generator=g).to(device)
-    temperature = args.temperature
+    temperature = torch.tensor(args.temperature, dtype=model.lm_head.weight.dtype, device=device)
 
     hidden = model.model(input_ids=student_ids).last_hidden_state[0]
-    logits = model.lm_head(hidden).float().div_(temperature)  # (L, V), as verl's engine hands them
-    loss = (advantages * F.cross_entropy(logits, targets, reduction="none")).mean()
+    logits = model.lm_head(hidden)  # (L, V) in the compute dtype, not upcast: what verl's engine holds
+    if args.temperature != 1.0:
+        logits = logits / temperature  # verl's _scale_logits_by_temperature: in the logits' dtype
+    # The engine calls the SSOPD logits hook on a view of the logits first, then the policy loss's log-probs.
+    distill = None
     if variant != "base":
-        teacher_ids = torch.randint(0, vocab, (1, length), generator=g).to(device)
+        k = min(args.distill_tokens, length)  # the target's distilled tokens: the last k of the student sequence
+        teacher_len = args.prompt_tokens + args.witness_tokens + k
+        teacher_ids = torch.randint(0, vocab, (1, teacher_len), generator=g).to(device)
+        rows = torch.arange(length - k, length, device=device)
         with torch.no_grad():
-            teacher_hidden = model.model(input_ids=teacher_ids).last_hidden_state[0]
+            teacher_hidden = model.model(input_ids=teacher_ids).last_hidden_state[0, -k:]
         if variant == "chunked":
-            per_token = losses.chunked_clipped_forward_kl(
-                logits, teacher_hidden, model.lm_head.weight, tau=args.tau, temperature=temperature,
-                student_prescaled=True, chunk_size=args.chunk_size,
+            distill = losses.chunked_clipped_forward_kl(
+                logits.unsqueeze(0).squeeze(0), teacher_hidden, model.lm_head.weight.detach(), tau=args.tau,
+                temperature=args.temperature, student_prescaled=True, chunk_size=args.chunk_size, student_rows=rows,
+                gradient_sink=logits,
             ).loss
         else:
             with torch.no_grad():
-                teacher_logits = model.lm_head(teacher_hidden).float().div_(temperature)
-            per_token = losses.clipped_forward_kl(logits, teacher_logits, tau=args.tau)
-        loss = loss + args.lam * per_token.mean()
+                teacher_logits = model.lm_head(teacher_hidden).float() / args.temperature
+            distill = losses.clipped_forward_kl(logits[rows].float(), teacher_logits, tau=args.tau)
+    log_probs = logprobs_from_logits(logits, labels)
+    loss = -(advantages * log_probs).mean()
+    if distill is not None:
+        loss = loss + args.lam * distill.mean()
     loss.backward()
 
 
@@ -213,6 +230,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--distill-tokens", type=int, default=2048, help="K: target tokens distilled")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="the teacher's problem prompt")
+    parser.add_argument("--witness-tokens", type=int, default=4096, help="the witness (ssopd.max_witness_tokens)")
     parser.add_argument("--warmup-length", type=int, default=None, help="default: 1024 (32 with --tiny)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="configurations not started within this many seconds are SKIPPED")
@@ -221,6 +241,9 @@ def main(argv=None) -> None:
     models = args.models or (["tiny"] if args.tiny else ["1.7b", "8b"])
     lengths = sorted(args.lengths or ([64, 128] if args.tiny else [8192, 16384, 32768]))
     warmup = args.warmup_length or (32 if args.tiny else 1024)
+    if args.tiny:  # a teacher of tiny size too, unless asked
+        args.distill_tokens, args.prompt_tokens, args.witness_tokens = (
+            min(args.distill_tokens, 16), min(args.prompt_tokens, 8), min(args.witness_tokens, 16))
     dtype = getattr(torch, args.dtype)
     losses = load_losses()
     start = time.perf_counter()
@@ -244,7 +267,8 @@ def main(argv=None) -> None:
             continue
         for length in lengths:
             for variant in args.variants:
-                rec = {"model": name, "length": length, "variant": variant, "weights_gib": weights_gib}
+                rec = {"model": name, "length": length, "variant": variant, "weights_gib": weights_gib,
+                       "vocab": model.config.vocab_size}
                 if time.perf_counter() - start > args.budget_s:
                     rec["status"] = "SKIPPED (budget)"
                 elif variant in oom_at:
@@ -271,18 +295,21 @@ def main(argv=None) -> None:
         if r["variant"] != "base" and r["status"] == "ok" and b is not None:
             r["extra_peak_gib_over_base"] = r["peak_gib"] - b["peak_gib"]
             r["time_ratio_over_base"] = r["seconds"] / b["seconds"]
+            unit = r["length"] * r["vocab"] * torch.finfo(dtype).bits / 8 / GIB
+            r["extra_logits_units"] = r["extra_peak_gib_over_base"] / unit
 
     device_name = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else \
         platform.processor() or "cpu"
     print(f"SSOPD step cost: {device_name}, {args.dtype}, gradient checkpointing, chunk_size {args.chunk_size}; "
           f"peak = max memory allocated over the step ({'GPU' if 'cuda' in args.device else 'process RSS'})")
     print(f"{'model':>6} {'tokens':>7} {'variant':>8} {'status':>8} {'peak GiB':>9} {'+GiB vs base':>12} "
-          f"{'time s':>8} {'x base':>7}")
+          f"{'time s':>8} {'x base':>7} {'+logits units':>13}")
     for r in records:
         ok = r["status"] == "ok"
         print(f"{r['model']:>6} {r['length']:>7} {r['variant']:>8} {r['status'][:8]:>8} "
               f"{_fmt(r.get('peak_gib'), '9.2f')} {_fmt(r.get('extra_peak_gib_over_base'), '12.2f')} "
-              f"{_fmt(r.get('seconds'), '8.2f')} {_fmt(r.get('time_ratio_over_base'), '7.2f')}"
+              f"{_fmt(r.get('seconds'), '8.2f')} {_fmt(r.get('time_ratio_over_base'), '7.2f')} "
+              f"{_fmt(r.get('extra_logits_units'), '13.3f')}"
               + ("" if ok else f"  {r['status']}"))
     if args.json:
         import transformers

@@ -62,7 +62,7 @@ class SSOPDConfig:
     # Dataset field holding the reference solution, for witness_source=reference_solution (OPSD).
     reference_solution_key: str = "extra_info.solution"
     # Tokens of the teacher logits materialised at once in the chunked loss.
-    chunk_size: int = 128
+    chunk_size: int = 64
     # With verl's dynamic batching: count the teacher tokens in ppo_max_token_len_per_gpu (fewer student tokens per
     # micro-batch so that student + teacher fit it; glue/teacher_forward.student_token_budget). False: verl's
     # student-only budget, faster, and the teacher's states ride on top of it.

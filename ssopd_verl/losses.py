@@ -608,7 +608,7 @@ def chunked_clipped_forward_kl(
     temperature: Temperature = 1.0,
     student_prescaled: bool = False,
     lm_head_bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 128,
+    chunk_size: int = 64,
     student_rows: Optional[torch.Tensor] = None,
     sampled_ids: Optional[torch.Tensor] = None,
     topk: Optional[int] = None,

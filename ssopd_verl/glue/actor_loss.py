@@ -28,7 +28,10 @@ log-probs, with the gradient of each slice flowing back to the rank that holds i
 Memory: the loss keeps a gradient buffer for the distilled positions only, and adds it into the gradient that
 verl's policy loss gives the same logits (`gradient_sink`, a `Tensor.register_hook` on the engine's logits, see
 `ssopd_verl.losses`): positions that are not distilled cost nothing of size [tokens x vocabulary] beyond what
-GRPO holds.
+GRPO holds. A micro-batch without a distilled position returns a zero loss whose backward gives the logits no
+gradient at all (`_ZeroLoss`), and the lm_head the loss projects with is the one the teacher forward gathered
+(`TeacherForward.take_head`: no collective of its own, no fp32 copy). Nothing here reads the logits in backward,
+so verl's flash-attn cross-entropy, which overwrites them with their gradient, is safe (tests/test_gpu_path_cpu.py).
 
 Metrics mean the same on any layout (one rank, N data-parallel ranks, Ulysses SP, any micro-batching): every
 micro-batch on every rank reports every `ssopd/*` metric (verl's `Metric.aggregate_dp` needs as many values per
@@ -53,7 +56,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from ssopd_verl.config import SSOPDConfig
-from ssopd_verl.glue.teacher_forward import TeacherForward, lm_head_weight, local_positions, response_logit_positions
+from ssopd_verl.glue.teacher_forward import TeacherForward, local_positions, response_logit_positions
 from ssopd_verl.losses import chunked_clipped_forward_kl
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,9 @@ DIAGNOSTICS = {
     "ssopd_teacher_logp": "teacher_logp_sampled",  # log p_T of the token the student sampled
     "ssopd_student_logp": "student_logp_sampled",  # log p_S of that token
     "ssopd_argmax_differs": "teacher_argmax_differs",  # 1 where the teacher's argmax is another token
-    # which way the clipped loss pushes (ssopd_verl.losses, "Which way"): 1 where the teacher's argmax logit is
-    # pushed down although the exact forward KL would raise it; teacher mass in all entries pushed that way
+    # which way the clipped loss moves the student (ssopd_verl.losses, "Which way"): 1 where its gradient step on the
+    # logits lowers log p_S of the teacher's argmax (first order) while the exact forward KL's would raise it;
+    # teacher mass in all entries so reversed
     "ssopd_argmax_reversed": "teacher_argmax_reversed",
     "ssopd_reversed_mass": "reversed_teacher_mass",
 }
@@ -135,7 +139,7 @@ class SSOPDActorLoss:
     def logits_hook(self, student_logits: torch.Tensor, data: TensorDict) -> dict[str, torch.Tensor]:
         if self.teacher is None:
             raise RuntimeError("SSOPDActorLoss needs the actor engine for the teacher forward (pass engine=)")
-        started = time.perf_counter()
+        started = _clock(student_logits.device)  # after the student forward's kernels: not counted
         logits = student_logits.squeeze(0)  # (N, V), divided by temperature, with grad; under SP, this rank's slice
         num_positions = logits.shape[0]
         seq_lens = data["input_ids"].offsets().diff().cpu()
@@ -143,14 +147,15 @@ class SSOPDActorLoss:
         weights = data[ROW_WEIGHT].float().cpu()
         rows = torch.nonzero(weights > 0).flatten().tolist()
 
-        # Every rank runs the same number of teacher forwards per micro-batch (the forward and the lm_head gather
-        # are collectives under FSDP2); a micro-batch without targets runs one-token dummies (TeacherForward).
+        # Every rank runs the same number of teacher forwards per micro-batch (the forward's gathers are collectives
+        # under FSDP2); a rank without targets runs one-token dummies (TeacherForward), none when no rank has one.
         teacher_seqs = [data[TEACHER_IDS][r] for r in rows]
         states, teacher_starts = self.teacher.hidden_states(teacher_seqs, data)
         # The student's logits come from the lm_head in the forward's compute dtype (bf16 under verl's mixed
         # precision): project the teacher's states with the same weight in the same dtype, so that a teacher
-        # with the student's own context gives a KL of 0, not a precision bias on every token.
-        head = lm_head_weight(self.teacher.engine.module)  # a collective under FSDP2: on every rank
+        # with the student's own context gives a KL of 0, not a precision bias on every token. The teacher forward
+        # gathered exactly that weight (TeacherForward.take_head: no collective of its own, no fp32 copy).
+        head = self.teacher.take_head() if rows else None
 
         zeros = logits.new_zeros(num_positions, dtype=torch.float32)
         if rows:
@@ -160,9 +165,12 @@ class SSOPDActorLoss:
             for key in ("teacher_pos", "sampled", "temperature"):
                 plan[key] = plan[key][local]
         if not rows or len(plan["student_pos"]) == 0:
-            # Keep the graph connected (backward through an all-zero term) so every rank does the same work.
-            loss = zeros + 0.0 * logits.sum(dim=-1, dtype=torch.float32)
-            self._teacher_seconds += time.perf_counter() - started
+            # A zero loss still attached to the logits, so that every rank's outputs take part in the same autograd
+            # graph (under SP the engine gathers them with a differentiable collective), but whose backward gives
+            # the logits no gradient at all: `0 * logits.sum(-1)` would backpropagate a dense [tokens x vocabulary]
+            # zero tensor, one more logits-sized buffer next to the policy loss's gradient.
+            loss = _ZeroLoss.apply(logits)
+            self._teacher_seconds += _elapsed(started, logits.device)
             return _hook_outputs({OUT_LOSS: loss} | {key: zeros for key in HOOK_OUTPUTS if key != OUT_LOSS})
 
         student_pos = plan["student_pos"].to(logits.device)
@@ -192,7 +200,7 @@ class SSOPDActorLoss:
             OUT_NONFINITE: place(terms.teacher_nonfinite),
             OUT_ARGMAX: place(terms.teacher_argmax),  # token ids < 2**24: exact in float32
         }
-        self._teacher_seconds += time.perf_counter() - started
+        self._teacher_seconds += _elapsed(started, logits.device)
         return _hook_outputs(out)
 
     def _gradient_sink(self, student_logits: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -317,6 +325,34 @@ class SSOPDActorLoss:
                 teacher_argmax=[int(a) for a in values[OUT_ARGMAX]], witness_is_teacher_prompt=True,
                 reward_target=reward(TARGET_SCORE, row), reward_witness=reward(WITNESS_SCORE, row),
             ))  # fmt: skip
+
+
+class _ZeroLoss(torch.autograd.Function):
+    """Per-position zeros of (N, V) logits, differentiable, whose backward returns no gradient (None: autograd adds
+    nothing into the logits' gradient and allocates nothing for it)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        return logits.new_zeros(logits.shape[0], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the device has run every kernel queued so far: the teacher forward and the loss
+    are asynchronous on an accelerator, and the clock alone would miss their last kernels (or count the student
+    forward's)."""
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu" and module is not None and hasattr(module, "synchronize"):
+        module.synchronize(device)
+    return time.perf_counter()
+
+
+def _elapsed(started: float, device: torch.device) -> float:
+    return _clock(device) - started
 
 
 def _hook_outputs(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

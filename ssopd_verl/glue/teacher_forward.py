@@ -21,6 +21,14 @@ sequence gets a forward of its own), so that no teacher forward holds more token
 forward hold. Every forward is a collective under FSDP2, so the ranks first agree on the number of forwards (an
 all-reduce of the maximum) and a rank with fewer pieces, or no target at all, runs one-token dummy forwards.
 
+The lm_head for the loss (``TeacherForward.head``): the teacher forward runs the output layer on one token
+(``logits_to_keep=1``), for which FSDP2 gathers its weight anyway, in the forward's compute dtype (bf16 under
+verl's mixed precision, cast from the fp32 master shards *before* the all-gather). A pre-hook on the output layer
+copies that gathered weight: the loss projects the teacher states with exactly the weight the student's lm_head
+used, and no further collective, fp32 copy or cast runs (`lm_head_weight`, a gather of its own, is kept for
+callers outside a teacher forward). The copy lives from the teacher forward to the end of the logits hook only:
+not held through the backward, where FSDP2 gathers the weight again for the student's gradient.
+
 Ulysses sequence parallelism (``actor.fsdp_config.ulysses_sequence_parallel_size = sp > 1``): the ranks of an SP
 group hold the same micro-batch, and the engine gives each the logits of one slice of the packed student sequence.
 The teacher forward goes through the same ``prepare_model_inputs``, so each rank forwards one slice of the packed
@@ -71,12 +79,8 @@ def local_positions(positions: torch.Tensor, num_local: int) -> tuple[torch.Tens
     return keep, positions[keep] - start
 
 
-def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The output projection as a plain tensor, without gradient.
-
-    After a forward, FSDP2 has resharded the root, so the weight is a DTensor: `full_tensor()` is a
-    collective, which is why every rank runs one teacher forward per micro-batch (see `TeacherForward`).
-    """
+def output_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's output projection (lm_head); refused when a LoRA adapter wraps it."""
     head = module.get_output_embeddings()
     if hasattr(head, "base_layer"):
         # A LoRA adapter on the output layer: its weight alone is not the projection the student used.
@@ -84,11 +88,23 @@ def lm_head_weight(module: torch.nn.Module) -> torch.Tensor:
             "SSOPD projects the teacher with the lm_head weight: exclude lm_head from the LoRA target modules "
             "(actor_rollout_ref.model.target_modules; verl's default all-linear excludes it)"
         )
+    return head
+
+
+def lm_head_weight(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The output projection as a plain tensor, without gradient, in ``dtype`` (default: the weight's own).
+
+    Outside a forward, FSDP2 holds the weight as a sharded DTensor: each rank casts its shard to ``dtype`` first,
+    then `full_tensor()` gathers (a collective: every rank must call it), so a bf16 projection never makes an
+    fp32 copy of the whole weight. The loss does not call this: it uses `TeacherForward.head` (no collective).
+    """
     with torch.no_grad():
-        weight = head.weight
+        weight = output_layer(module).weight.detach()
+        if dtype is not None:
+            weight = weight.to(dtype)
         if isinstance(weight, DTensor):
             weight = weight.full_tensor()
-        return weight.detach()
+        return weight
 
 
 def pack_in_order(lengths: list[int], max_tokens: Optional[int]) -> list[list[int]]:
@@ -160,6 +176,9 @@ class TeacherForward:
             raise ValueError(f"teacher forward max_tokens must be >= 1 or None, got {max_tokens!r}")
         self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.forwards = 0  # teacher forwards run (dummies included), for tests and benchmarks
+        # The output layer's weight as the last teacher forward gathered it (module docstring); `take_head` hands
+        # it over and drops it.
+        self._head: Optional[torch.Tensor] = None
         if not adapters and not hasattr(engine.module, "disable_adapter"):
             raise ValueError(
                 "ssopd.teacher=initial needs a LoRA actor (actor_rollout_ref.model.lora_rank > 0): the frozen "
@@ -177,20 +196,30 @@ class TeacherForward:
         lengths = [len(s) for s in sequences]
         groups = pack_in_order(lengths, None if self.max_tokens is None else self.max_tokens * self._sp_size())
         total = agreed_count(len(groups), micro_batch["input_ids"].device)
-        states = [self._forward([sequences[i] for i in group], micro_batch) for group in groups]
+        self._head = None
+        states = [self._forward([sequences[i] for i in group], micro_batch, keep_head=True) for group in groups]
         for _ in range(total - len(groups)):  # collectives in step with the rank that has the most pieces
-            self._forward([micro_batch["input_ids"][0][:1]], micro_batch)
+            self._forward([micro_batch["input_ids"][0][:1]], micro_batch, keep_head=False)
         if not sequences:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         lengths = torch.tensor(lengths)
         return torch.cat(states), torch.cumsum(lengths, 0) - lengths
 
+    def take_head(self) -> torch.Tensor:
+        """The lm_head weight of the last teacher forward, in its compute dtype (module docstring), released here
+        so that it is not held through the backward pass."""
+        if self._head is None:
+            raise RuntimeError("TeacherForward.take_head: no teacher forward has run since the last call")
+        head, self._head = self._head, None
+        return head
+
     def _sp_size(self) -> int:
         """The Ulysses sequence-parallel size of the engine (1 without SP)."""
         return self.engine.ulysses_sequence_parallel_size if getattr(self.engine, "use_ulysses_sp", False) else 1
 
-    def _forward(self, sequences: list[torch.Tensor], micro_batch: TensorDict) -> torch.Tensor:
-        """One forward of the engine's module over ``sequences``; their final hidden states, packed."""
+    def _forward(self, sequences: list[torch.Tensor], micro_batch: TensorDict, keep_head: bool) -> torch.Tensor:
+        """One forward of the engine's module over ``sequences``; their final hidden states, packed. ``keep_head``:
+        copy the output layer's gathered weight for `take_head` (not in dummy forwards: nobody would take it)."""
         self.forwards += 1
         device = micro_batch["input_ids"].device
         ids = torch.nested.as_nested_tensor([s.to(device) for s in sequences], layout=torch.jagged)
@@ -220,7 +249,16 @@ class TeacherForward:
         # The decoder's output is the final (post-norm) hidden state. A hook on it, rather than
         # output_hidden_states=True, which would keep every layer's states alive. The call goes through the root
         # module so that FSDP2 gathers the root-owned parameters (embeddings, norm) as in any forward.
+        def keep_head_weight(head, _inputs):
+            # Runs after FSDP2's own pre-forward hook has gathered the weight (registered first): the gathered
+            # compute-dtype tensor, freed again by FSDP2 after the layer, hence the copy. A still-sharded DTensor
+            # would mean another FSDP hook order: gathered here in the compute dtype then (a collective, as the
+            # forward itself is, so still in step across ranks).
+            weight = head.weight.detach()
+            self._head = weight.full_tensor() if isinstance(weight, DTensor) else weight.clone()
+
         handle = self.engine.module.get_decoder().register_forward_hook(keep_last_hidden_state)
+        head_handle = output_layer(self.engine.module).register_forward_pre_hook(keep_head_weight) if keep_head else None
         try:
             weights = contextlib.nullcontext() if self.adapters else self.engine.disable_adapter()
             with torch.no_grad(), weights:
@@ -228,6 +266,8 @@ class TeacherForward:
                 self.engine.module(**model_inputs, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
+            if head_handle is not None:
+                head_handle.remove()
         states = captured["states"]
         if self._sp_size() > 1:
             # This rank's shard of the packed teacher sequence -> all of it, as verl gathers the student's outputs
