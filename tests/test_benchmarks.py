@@ -81,3 +81,11 @@ def test_qwen3_1_7b_proportions_match_the_real_model():
                                        shape["num_kv_heads"], shape["hidden_size"] // shape["num_heads"],
                                        shape["intermediate_size"])  # fmt: skip
     assert math.isclose(small, real, rel_tol=0.02) and 4.4 < real < 4.7
+
+
+def test_bench_loss_time_tiny(tmp_path):
+    result, stdout = run("bench_loss_time.py", "--rows", "4", "--hidden", "8", "--repeats", "1", tmp_path=tmp_path)
+    assert result["vocab"] == 151936 and result["rows"] == 4
+    for clip in ("pointwise", "token", "none"):
+        assert finite(result[f"{clip}_s"]) and result[f"{clip}_s"] > 0
+        assert f"{clip}: loss forward + backward over 4 rows" in stdout
