@@ -252,13 +252,18 @@ class TeacherForward:
         def keep_head_weight(head, _inputs):
             # Runs after FSDP2's own pre-forward hook has gathered the weight (registered first): the gathered
             # compute-dtype tensor, freed again by FSDP2 after the layer, hence the copy. A still-sharded DTensor
-            # would mean another FSDP hook order: gathered here in the compute dtype then (a collective, as the
-            # forward itself is, so still in step across ranks).
+            # would mean another FSDP hook order: gathered here in the compute dtype then, a collective, so on
+            # every rank and in every forward alike, dummies included (kept only where asked).
             weight = head.weight.detach()
-            self._head = weight.full_tensor() if isinstance(weight, DTensor) else weight.clone()
+            if isinstance(weight, DTensor):
+                weight = weight.full_tensor()
+            elif keep_head:
+                weight = weight.clone()
+            if keep_head:
+                self._head = weight
 
         handle = self.engine.module.get_decoder().register_forward_hook(keep_last_hidden_state)
-        head_handle = output_layer(self.engine.module).register_forward_pre_hook(keep_head_weight) if keep_head else None
+        head_handle = output_layer(self.engine.module).register_forward_pre_hook(keep_head_weight)
         try:
             weights = contextlib.nullcontext() if self.adapters else self.engine.disable_adapter()
             with torch.no_grad(), weights:
@@ -266,8 +271,7 @@ class TeacherForward:
                 self.engine.module(**model_inputs, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
-            if head_handle is not None:
-                head_handle.remove()
+            head_handle.remove()
         states = captured["states"]
         if self._sp_size() > 1:
             # This rank's shard of the packed teacher sequence -> all of it, as verl gathers the student's outputs
