@@ -124,8 +124,8 @@ def run_variant(variant: str, args) -> dict:
             view = logits.unsqueeze(0)  # what the engine hands the hook
             kwargs = {"gradient_sink": logits} if sink else {}
             terms = losses.chunked_clipped_forward_kl(view.squeeze(0), states, weight, temperature=temperature,
-                                                      student_prescaled=True, student_rows=rows, chunk_size=args.chunk_size,
-                                                      **kwargs)  # fmt: skip
+                                                      student_prescaled=True, student_rows=rows,
+                                                      chunk_size=args.chunk_size, **kwargs)
             total = total + terms.loss.sum()
         total.backward()
 

@@ -124,7 +124,6 @@ def read_lora_config(lora_dir: Path) -> dict:
 def merge_lora(base_dir: Path, lora_dir: Path, target: Path) -> None:
     """Base model + adapters -> one Hugging Face model in ``target`` (peft's merge_and_unload), in the base
     weights' dtype, with the base directory's tokenizer and generation config."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,17 +133,16 @@ def merge_lora(base_dir: Path, lora_dir: Path, target: Path) -> None:
         raise RuntimeError(f"merging {lora_dir} left LoRA parameters in the model")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with torch.no_grad():
-        merged.save_pretrained(tmp)
+    merged.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
 
-def _merge_verl_checkpoint(actor: Path, target: Path) -> None:
+def _merge_verl_checkpoint(actor: Path, target: Path, log) -> None:
     cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
            "--local_dir", str(actor), "--target_dir", str(target)]  # fmt: skip
-    print("merging the verl checkpoint:", " ".join(cmd), flush=True)
+    log("merging the verl checkpoint: " + " ".join(cmd))
     shutil.rmtree(target, ignore_errors=True)
     subprocess.run(cmd, check=True)
 
@@ -168,7 +166,7 @@ def resolve_model(model: str, out: Path, log=print) -> EvaluatedModel:
         hf_dir = out / "merged_hf_model"
         stamp = _source_stamp(actor)
         if not _reuse(hf_dir, stamp):
-            _merge_verl_checkpoint(actor, hf_dir)
+            _merge_verl_checkpoint(actor, hf_dir, log)
             (hf_dir / SOURCE_FILE).write_text(json.dumps(stamp))
     elif not _is_hf_model(path):
         adapter_only = (path / "adapter_config.json").exists()

@@ -5,8 +5,8 @@ Two small overrides, both through verl's public surface:
   `set_loss_fn` (the loss needs the engine for the teacher forward).
 * `update_actor`: reduce the `ssopd/*` metrics over the step's mini-batches itself (`step_values`): verl's
   `reduce_metrics` picks max / min / mean by a key's *name* ("...argmax..." is a max), so the sums behind the
-  per-position means and the teacher time must reach it as one value each. With dynamic batching, lower the batch's `max_token_len_per_gpu` so that the teacher tokens count
-  in the budget (`student_token_budget`, `ssopd.teacher_in_token_budget`); mark the micro-batches with
+  per-position means and the teacher time must reach it as one value each. With dynamic batching, lower the
+  batch's `max_token_len_per_gpu` so that the teacher tokens count in the budget (`student_token_budget`, `ssopd.teacher_in_token_budget`); mark the micro-batches with
   `distillation_use_topk=True`, the flag on which verl's FSDP engine calls the loss as a logits processor
   (SSOPD_SPEC.md 6a). Only the update pass: the old-log-prob pass must not see it. With lambda = 0 the flag stays
   off and the update is verl's GRPO update, unchanged. When the trainer asked for a token view of the step
