@@ -258,12 +258,12 @@ def test_every_ssopd_and_degeneration_metric_is_the_same_with_one_and_four_mini_
     assert one["ssopd/pairs"] >= 1 and one["ssopd/distilled_tokens"] > 0  # not vacuous
     for key in keys:  # micro_batch_tokens_max too: 16-row micro-batches either way (ppo_micro_batch_size_per_gpu)
         assert math.isclose(four[key], one[key], rel_tol=1e-5, abs_tol=1e-7), (key, one[key], four[key])
-    # the teacher's time is the step's total, not a mini-batch's: a share of the update, of the same order in both
+    # the teacher's time is a share of the update in both (that it is the step's sum over mini-batches, not their
+    # mean, is tested without timing in tests/test_metric_reduction.py: timings compared across runs are noise)
     for step in (one, four):
         assert 0 < step["ssopd/teacher_time_share"] <= 1
         assert step["timing_s/ssopd_teacher"] == pytest.approx(step["ssopd/teacher_time_share"]
                                                                * step["timing_s/update_actor"])  # fmt: skip
-    assert four["timing_s/ssopd_teacher"] > 0.5 * one["timing_s/ssopd_teacher"]  # summed, not averaged (1/4)
 
 
 def kit_validation(runs, run: str) -> tuple[float, float]:
